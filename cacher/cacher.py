@@ -1,0 +1,362 @@
+"""Cacher: a Storage that wraps a Storage and serves GET, LIST and WATCH from memory.
+
+Mirrors k8s.io/apiserver pkg/storage/cacher (cacher.go + delegator.go): writes go to the wrapped
+storage (with the cached object as a hint); reads with resource version "0" or N (not older than) and
+every watch are served from the watch cache, fed by ONE upstream watch per resource; reads the cache
+cannot answer exactly (consistent reads with resource version unset, Exact, continue pages, the legacy
+limit+N rule) are delegated to the storage, as the Kubernetes delegation table says.
+
+    async with Cacher(storage) as cacher:
+        await cacher.wait_ready()
+        page = await cacher.get_list("/pods", ListOptions(resource_version="0", recursive=True))
+        async with cacher.watch("/pods", ListOptions(resource_version=page.resource_version,
+                                                     recursive=True)) as w:
+            async for event in w: ...
+
+Objects returned from the cache are shared with the cache and every watcher: treat them as read-only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import anyio
+
+from cacher.dispatcher import ALL, Dispatcher, TimeBudget
+from cacher.history import EventHistory
+from cacher.reflector import LIST_PAGE_SIZE, Reflector
+from cacher.watch_cache import DEFAULT_FRESHNESS_TIMEOUT, WatchCache
+from cacher.watcher import CacheWatcher, TerminationReason
+from storage.continue_token import encode_continue
+from storage.errors import (ExpiredError, NotFoundError, StorageClosedError, StorageError,
+                            TooManyRequestsError)
+from storage.interface import (INITIAL_EVENTS_END_ANNOTATION, EventType, GetOptions, ListOptions,
+                               ListResult, Preconditions, Resource, ResourceVersionMatch, Stats, Storage,
+                               UpdateFunc, ValidateDeletionFunc, WatchEvent, validate_list_options,
+                               validate_watch_options)
+from storage.versioner import parse_resource_version
+
+PENDING, READY, STOPPED = "pending", "ready", "stopped"
+
+
+class Cacher:
+    """A watch cache for one resource, itself a Storage and an async context manager.
+
+    storage: the wrapped Storage (its ``resource`` configures keys, attrs, trigger and indexes).
+    freshness_timeout: seconds a read waits for the cache to reach its resource version (3).
+    history_lower / history_upper / fresh_duration: history window bounds (events) and target (s).
+    watcher_capacity: per-watcher buffer in events; default 100 for watchers pinned to the trigger
+        value and 1000 otherwise (Kubernetes uses 10 / 1000; Python's coarser scheduling needs more).
+    bookmark_frequency: seconds between bookmarks per watcher (60).
+    page_size: reflector list page (10,000).
+    progress_interval: seconds between progress requests while reads wait for freshness (0.1).
+    """
+
+    def __init__(self, storage: Storage, *, freshness_timeout: float = DEFAULT_FRESHNESS_TIMEOUT,
+                 history_lower: int = 100, history_upper: int = 100 * 1024, fresh_duration: float = 75.0,
+                 watcher_capacity: int | None = None, bookmark_frequency: float = 60.0,
+                 page_size: int = LIST_PAGE_SIZE, progress_interval: float = 0.1,
+                 dispatch_budget: TimeBudget | None = None) -> None:
+        self.storage = storage
+        self.resource: Resource = storage.resource
+        self.freshness_timeout = freshness_timeout
+        self.watcher_capacity = watcher_capacity
+        self.progress_interval = progress_interval
+        self.watch_cache = WatchCache(self.resource, EventHistory(history_lower, history_upper, fresh_duration))
+        self.dispatcher = Dispatcher(self.resource.trigger_field, dispatch_budget,
+                                     bookmark_frequency=bookmark_frequency)
+        self._send, self._receive = anyio.create_memory_object_stream[Any](100)
+        self.reflector = Reflector(storage, self.watch_cache, self._send.send, self._on_ready,
+                                   self._on_reinit, page_size=page_size)
+        self.state = PENDING
+        self._state_since = time.monotonic()
+        self._ready_event = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def __aenter__(self) -> "Cacher":
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self.reflector.run)
+        self._tg.start_soon(self.dispatcher.run, self._receive)
+        self._tg.start_soon(self._progress_loop)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop the reflector, dispatcher and timers and end every watch. Idempotent.
+
+        The wrapped storage is not closed: it belongs to the caller.
+        """
+        if self.state == STOPPED:
+            return
+        self._set_state(STOPPED)
+        self.dispatcher.terminate_all(TerminationReason.CACHE_STOPPED)
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(None, None, None)
+            self._tg = None
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the first list is in the cache. Raises TimeoutError after ``timeout`` seconds."""
+        with anyio.fail_after(timeout):
+            await self._ready_event.wait()
+
+    @property
+    def ready(self) -> bool:
+        """True while the cache is initialised and fed."""
+        return self.state == READY
+
+    def _set_state(self, state: str) -> None:
+        self.state, self._state_since = state, time.monotonic()
+
+    def _on_ready(self) -> None:
+        self._set_state(READY)
+        self._ready_event.set()
+
+    def _on_reinit(self, error: BaseException) -> None:
+        self._set_state(PENDING)
+        self._ready_event = anyio.Event()
+        self.dispatcher.terminate_all(TerminationReason.REINITIALIZED)
+
+    def _check_open(self) -> None:
+        if self.state == STOPPED:
+            raise StorageClosedError("cacher")
+
+    def _not_ready_error(self) -> TooManyRequestsError:
+        # util.go calculateRetryAfterForUnreadyCache: grows with downtime, 1..30 s.
+        downtime = time.monotonic() - self._state_since
+        retry = int(min(30, max(1, math.exp(0.06 * downtime))))
+        return TooManyRequestsError(f"storage is (re)initializing: {self.resource.prefix}", retry)
+
+    async def _progress_loop(self) -> None:
+        # While reads wait for freshness, ask storage for progress notifications (ConditionalProgressRequester).
+        while True:
+            await anyio.sleep(self.progress_interval)
+            if self.watch_cache.waiting and self.state == READY:
+                try:
+                    await self.storage.request_watch_progress()
+                except StorageError:
+                    pass
+
+    # ---- writes: delegated -----------------------------------------------------------------------
+    async def create(self, key: str, obj: dict[str, Any], ttl: int = 0) -> dict[str, Any]:
+        """Delegated to storage (see Storage.create)."""
+        self._check_open()
+        return await self.storage.create(key, obj, ttl)
+
+    async def guaranteed_update(self, key: str, try_update: UpdateFunc, *, ignore_not_found: bool = False,
+                                preconditions: Preconditions | None = None,
+                                cached_existing: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Delegated to storage with the cached object as the hint (delegator.go GuaranteedUpdate)."""
+        self._check_open()
+        return await self.storage.guaranteed_update(
+            key, try_update, ignore_not_found=ignore_not_found, preconditions=preconditions,
+            cached_existing=cached_existing if cached_existing is not None else self._cached(key))
+
+    async def delete(self, key: str, *, preconditions: Preconditions | None = None,
+                     validate_deletion: ValidateDeletionFunc | None = None,
+                     cached_existing: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Delegated to storage with the cached object as the hint (delegator.go Delete)."""
+        self._check_open()
+        return await self.storage.delete(
+            key, preconditions=preconditions, validate_deletion=validate_deletion,
+            cached_existing=cached_existing if cached_existing is not None else self._cached(key))
+
+    def _cached(self, key: str) -> dict[str, Any] | None:
+        if self.state != READY:
+            return None
+        elem = self.watch_cache.store.get(self.resource.prepare_key(key))
+        return elem.object if elem is not None else None
+
+    # ---- reads -----------------------------------------------------------------------------------
+    async def get(self, key: str, opts: GetOptions = GetOptions()) -> dict[str, Any] | None:
+        """GET: resource version "" (a quorum read) and any read while not ready go to storage; "0"
+        and N are served from the cache once it is at least at N (waits up to freshness_timeout,
+        then TooLargeResourceVersionError 504). NotFoundError (404) or None with ignore_not_found."""
+        self._check_open()
+        key = self.resource.prepare_key(key)
+        rv = parse_resource_version(opts.resource_version)
+        if opts.resource_version == "" or self.state != READY:
+            return await self.storage.get(key, opts)
+        await self._wait_fresh(rv)
+        elem = self.watch_cache.store.get(key)
+        if elem is None:
+            if opts.ignore_not_found:
+                return None
+            raise NotFoundError(key, self.watch_cache.resource_version)
+        return elem.object
+
+    async def get_list(self, key: str, opts: ListOptions = ListOptions()) -> ListResult:
+        """LIST: served from the cache for resource version "0" (limit ignored, as Kubernetes does),
+        N without limit, and NotOlderThan; delegated to storage for "" (consistent), Exact, continue
+        pages and the legacy limit+N rule (delegator.go ShouldDelegateList). While not ready: delegated
+        when there are no selectors and a limit, else TooManyRequestsError (429)."""
+        self._check_open()
+        prefixed = self.resource.prepare_key(key, opts.recursive)
+        validate_list_options(opts, prefixed)
+        if self._should_delegate_list(opts):
+            return await self.storage.get_list(key, opts)
+        if self.state != READY:
+            if opts.predicate.empty() and opts.limit > 0:
+                return await self.storage.get_list(key, opts)
+            raise self._not_ready_error()
+        await self._wait_fresh(opts.revision)
+        return self._list_from_cache(prefixed, opts)
+
+    @staticmethod
+    def _should_delegate_list(opts: ListOptions) -> bool:
+        rvm = opts.resource_version_match
+        if rvm == ResourceVersionMatch.EXACT or opts.continue_token:
+            return True
+        if rvm == ResourceVersionMatch.NOT_OLDER_THAN:
+            return False
+        if opts.resource_version == "":
+            return True  # consistent read: served by storage until consistent reads from cache land
+        return opts.limit > 0 and opts.revision > 0  # legacy: limit with N is an exact read
+
+    async def _wait_fresh(self, rv: int) -> None:
+        await self.watch_cache.wait_until_fresh(rv, self.freshness_timeout)
+
+    def _list_from_cache(self, prefixed: str, opts: ListOptions) -> ListResult:
+        pred, store = opts.predicate, self.watch_cache.store
+        rv = self.watch_cache.resource_version
+        limit = 0 if opts.resource_version == "0" else opts.limit
+        if not opts.recursive:
+            elem = store.get(prefixed)
+            elems = [elem] if elem is not None else []
+        else:
+            elems = self._indexed(prefixed, opts)
+        items: list[dict[str, Any]] = []
+        match_all = pred.empty()
+        last_key, more, seen = "", False, 0
+        for elem in elems:
+            seen += 1
+            if not match_all and not pred.matches_attrs(elem.labels, elem.fields):
+                continue
+            if limit and len(items) == limit:
+                more = True
+                break
+            items.append(elem.object)
+            last_key = elem.key
+        token, remaining = "", None
+        if more:
+            token = encode_continue(last_key + "\x00", prefixed, rv)
+            if match_all:
+                remaining = sum(1 for _ in store.scan(prefixed, last_key + "\x00"))
+        return ListResult(items, str(rv), token, remaining)
+
+    def _indexed(self, prefixed: str, opts: ListOptions):
+        for field in self.resource.index_fields:
+            value = opts.predicate.pinned_field(field)
+            if value is not None:
+                elems = self.watch_cache.store.by_index(field, value)
+                if elems is not None:
+                    return (e for e in elems if e.key.startswith(prefixed))
+        return self.watch_cache.store.scan(prefixed)
+
+    # ---- watch -----------------------------------------------------------------------------------
+    def watch(self, key: str, opts: ListOptions = ListOptions()) -> CacheWatcher:
+        """Open a watch served from the cache (always, as Kubernetes' Cacher.Watch).
+
+        Events have resource version > opts.resource_version; "0" (or unset without
+        send_initial_events) first sends the cached state as ADDED; send_initial_events=True sends the
+        state at least as fresh as requested, then a BOOKMARK annotated k8s.io/initial-events-end when
+        bookmarks are allowed. A version older than the history -> one ERROR event (410), then the end.
+        Entering the watch raises TooManyRequestsError (429) while the cache is not ready,
+        BadRequestError for invalid options, TooLargeResourceVersionError when the cache cannot reach
+        the state a watch-list asks for in time.
+        """
+        self._check_open()
+        prefixed = self.resource.prepare_key(key, opts.recursive)
+        validate_watch_options(opts)
+        trigger = self.resource.trigger_field
+        trigger_value = opts.predicate.pinned_field(trigger) if trigger else None
+        scope = (opts.predicate.matches_single_namespace() or "", opts.predicate.matches_single_name() or "")
+        watcher: CacheWatcher
+
+        async def start() -> None:
+            await self._start_watch(watcher, opts)
+
+        watcher = CacheWatcher(prefixed, opts, self._watcher_capacity(trigger_value), trigger_value=trigger_value,
+                               scope=scope, on_start=start, on_stop=lambda: self.dispatcher.unregister(watcher))
+        return watcher
+
+    def _watcher_capacity(self, trigger_value: str | None) -> int:
+        if self.watcher_capacity:
+            return self.watcher_capacity
+        return 100 if trigger_value is not None else 1000
+
+    async def _start_watch(self, w: CacheWatcher, opts: ListOptions) -> None:
+        self._check_open()
+        if self.state != READY:
+            raise self._not_ready_error()
+        required = opts.revision
+        if opts.resource_version == "" and opts.send_initial_events is not None:
+            required = await self.storage.get_current_resource_version()
+        if opts.send_initial_events:
+            await self._wait_fresh(required)
+        if self.state != READY:
+            raise self._not_ready_error()
+        # From here to register() nothing awaits, so no event can slip between the initial
+        # events and the live stream (Go holds the watch cache lock for the same reason).
+        try:
+            self._preload(w, opts, required)
+        except ExpiredError as exc:
+            w.finish(exc)
+            return
+        self.dispatcher.register(w)
+
+    def _preload(self, w: CacheWatcher, opts: ListOptions, required: int) -> None:
+        wc = self.watch_cache
+        legacy_initial = opts.send_initial_events is None and required == 0
+        if opts.send_initial_events or legacy_initial:
+            for elem in (wc.store.scan(w.key) if w.recursive else filter(None, [wc.store.get(w.key)])):
+                if w.predicate.empty() or w.predicate.matches_attrs(elem.labels, elem.fields):
+                    w.preload(WatchEvent(EventType.ADDED, elem.object))
+            w.sent_rv = wc.resource_version
+            if opts.send_initial_events and opts.allow_watch_bookmarks:
+                w.preload(WatchEvent(EventType.BOOKMARK, {"metadata": {
+                    "resourceVersion": str(wc.resource_version),
+                    "annotations": {INITIAL_EVENTS_END_ANNOTATION: "true"}}}))
+            return
+        if required == 0:  # send_initial_events=False with "0": start at the cache's version
+            w.sent_rv = wc.resource_version
+            return
+        w.sent_rv = required
+        for event in wc.history.events_since(required):
+            out = w.convert(event)
+            if out is not None:
+                w.preload(out)
+        # The interval covered everything the cache has applied, delivered or filtered out.
+        w.sent_rv = max(required, wc.resource_version)
+
+    # ---- delegated metadata ----------------------------------------------------------------------
+    async def stats(self) -> Stats:
+        """Delegated to storage."""
+        self._check_open()
+        return await self.storage.stats()
+
+    async def readiness_check(self) -> None:
+        """Raises TooManyRequestsError (429) until the cache is initialised, StorageClosedError after close."""
+        self._check_open()
+        if self.state != READY:
+            raise self._not_ready_error()
+
+    async def request_watch_progress(self) -> None:
+        """Delegated to storage."""
+        self._check_open()
+        await self.storage.request_watch_progress()
+
+    async def get_current_resource_version(self) -> int:
+        """Delegated to storage (a quorum read)."""
+        self._check_open()
+        return await self.storage.get_current_resource_version()
+
+    def compact_revision(self) -> int:
+        """The wrapped storage's compaction revision."""
+        return self.storage.compact_revision()
