@@ -56,7 +56,7 @@ class Dispatcher:
                  bookmark_frequency: float = 60.0, clock: Callable[[], float] = time.monotonic,
                  on_terminated: Callable[[CacheWatcher], None] | None = None) -> None:
         self.trigger_field = trigger_field
-        self.budget = budget or TimeBudget(clock=clock)
+        self.budget = budget if budget is not None else TimeBudget(clock=clock)
         self.bookmark_frequency = bookmark_frequency
         self.clock = clock
         self.on_terminated = on_terminated

@@ -33,7 +33,7 @@ class WatchCache:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.resource = resource
         self.store = CacheStore(resource.index_fields)
-        self.history = history or EventHistory(clock=clock)
+        self.history = history if history is not None else EventHistory(clock=clock)
         self.clock = clock
         self.resource_version = 0
         self._waiters: list[tuple[int, anyio.Event]] = []

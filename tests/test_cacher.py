@@ -1,0 +1,228 @@
+"""Cacher core behaviour beyond the conformance suite: one upstream watch, relist on 410, readiness,
+slow watchers, history window, bookmarks, indexes and shutdown. Runs under asyncio and trio."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from cacher.cacher import Cacher
+from cacher.watcher import TerminationReason
+from storage.errors import BadRequestError, ExpiredError, InternalError, TooManyRequestsError
+from storage.interface import EventType, GetOptions, ListOptions, Resource
+from storage.memory.store import MemoryStorage
+from storage.testing.conformance import collect, collect_until_quiet, summary
+
+pytestmark = pytest.mark.anyio
+
+PODS = Resource("/pods", field_paths=("spec.nodeName",), trigger_field="spec.nodeName",
+                index_fields=("spec.nodeName",))
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request):
+    return request.param
+
+
+def pod(name: str, node: str = "", ns: str = "default", **labels: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "spec": {"nodeName": node}}
+
+
+def k(name: str, ns: str = "default") -> str:
+    return f"/pods/{ns}/{name}"
+
+
+async def test_many_watchers_share_one_upstream_watch():
+    async with MemoryStorage(PODS) as st, Cacher(st) as c:
+        await c.wait_ready(5)
+        watches = [c.watch("/pods", ListOptions(resource_version="0", recursive=True,
+                                                field_selector=f"spec.nodeName=n{i}")) for i in range(20)]
+        for w in watches:
+            await w.start()
+        await st.create(k("a"), pod("a", "n3"))
+        got = await collect(watches[3], 1)
+        assert summary(got)[0][:2] == ("ADDED", "a")
+        assert len(st.kv._sinks) == 1 and c.reflector.watches_opened == 1
+        for w in watches:
+            await w.stop()
+
+
+async def test_trigger_index_visits_only_interested_watchers():
+    async with MemoryStorage(PODS) as st, Cacher(st) as c:
+        await c.wait_ready(5)
+        async with c.watch("/pods", ListOptions(resource_version="0", recursive=True,
+                                                field_selector="spec.nodeName=n1")) as w1, \
+                c.watch("/pods", ListOptions(resource_version="0", recursive=True,
+                                             field_selector="spec.nodeName=n2")) as w2:
+            await st.create(k("a"), pod("a", "n1"))
+            await anyio.sleep(0.2)
+            event = c.watch_cache.history.events_since(c.watch_cache.history.list_rv)[-1]
+            assert c.dispatcher.candidates(event) == [w1]
+            moved = await st.guaranteed_update(k("a"), lambda o, m: {**o, "spec": {"nodeName": "n2"}})
+            assert summary(await collect(w2, 1)) == [("ADDED", "a", int(moved["metadata"]["resourceVersion"]))]
+            assert [e.type for e in await collect(w1, 2)] == [EventType.ADDED, EventType.DELETED]
+
+
+async def test_list_by_indexed_field_is_served_from_the_index():
+    async with MemoryStorage(PODS) as st, Cacher(st) as c:
+        await c.wait_ready(5)
+        for i in range(10):
+            last = await st.create(k(f"p{i}"), pod(f"p{i}", f"n{i % 3}"))
+        opts = ListOptions(resource_version=last["metadata"]["resourceVersion"], recursive=True,
+                           field_selector="spec.nodeName=n1")
+        got = await c.get_list("/pods", opts)
+        assert [o["metadata"]["name"] for o in got.items] == ["p1", "p4", "p7"]
+        assert [e.key for e in c.watch_cache.store.by_index("spec.nodeName", "n1")] == [
+            k("p1"), k("p4"), k("p7")]
+
+
+async def test_relist_on_410_ends_watchers_and_rebuilds():
+    async with MemoryStorage(PODS) as st, Cacher(st) as c:
+        await c.wait_ready(5)
+        await st.create(k("a"), pod("a"))
+        w = c.watch("/pods", ListOptions(resource_version="0", recursive=True))
+        await w.start()
+        await collect(w, 1)
+        await _upstream_open(st)
+        st.kv.break_watches(ExpiredError("The resourceVersion for the provided watch is too old."))
+        rest = await collect_until_quiet(w, 1.0)
+        assert rest == [] and w.finished and w.termination is TerminationReason.REINITIALIZED
+        await st.create(k("b"), pod("b"))
+        with anyio.fail_after(10):
+            while c.reflector.lists < 2 or not c.ready:
+                await anyio.sleep(0.05)
+        got = await c.get(k("b"), GetOptions(resource_version="0", ignore_not_found=True))
+        with anyio.fail_after(5):
+            while got is None:
+                await anyio.sleep(0.05)
+                got = await c.get(k("b"), GetOptions(resource_version="0", ignore_not_found=True))
+        assert got["metadata"]["name"] == "b"
+
+
+async def test_non_410_watch_error_rewatches_without_relist():
+    async with MemoryStorage(PODS) as st, Cacher(st) as c:
+        await c.wait_ready(5)
+        async with c.watch("/pods", ListOptions(resource_version="0", recursive=True)) as w:
+            await _upstream_open(st)
+            st.kv.break_watches(InternalError("connection reset"))
+            b = await st.create(k("b"), pod("b"))
+            got = await collect(w, 1)
+        assert summary(got) == [("ADDED", "b", int(b["metadata"]["resourceVersion"]))]
+        assert c.reflector.lists == 1 and c.reflector.watches_opened >= 2
+
+
+async def _upstream_open(st: MemoryStorage) -> None:
+    with anyio.fail_after(5):
+        while not st.kv._sinks:
+            await anyio.sleep(0.01)
+
+
+class _BrokenList:
+    """A storage wrapper whose LIST fails until ``healed`` (to hold the cache in Pending)."""
+
+    def __init__(self, inner: MemoryStorage) -> None:
+        self.inner, self.resource, self.healed = inner, inner.resource, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def get_list(self, key, opts=ListOptions()):
+        if not self.healed and opts.limit == 10000:
+            raise InternalError("etcd unavailable")
+        return await self.inner.get_list(key, opts)
+
+
+async def test_not_ready_watch_is_429_and_reads_are_delegated_where_kubernetes_does():
+    async with MemoryStorage(PODS) as st:
+        await st.create(k("a"), pod("a"))
+        broken = _BrokenList(st)
+        async with Cacher(broken) as c:
+            await anyio.sleep(0.1)
+            assert not c.ready
+            with pytest.raises(TooManyRequestsError) as err:
+                async with c.watch("/pods", ListOptions(recursive=True)):
+                    pass
+            assert err.value.status == 429 and 1 <= err.value.retry_after_seconds <= 30
+            assert (await c.get(k("a"), GetOptions(resource_version="0")))["metadata"]["name"] == "a"
+            page = await c.get_list("/pods", ListOptions(resource_version="0", limit=5, recursive=True))
+            assert len(page.items) == 1
+            with pytest.raises(TooManyRequestsError):
+                await c.get_list("/pods", ListOptions(resource_version="0", label_selector="x=y", recursive=True))
+            with pytest.raises(TooManyRequestsError):
+                await c.readiness_check()
+            broken.healed = True
+            await c.wait_ready(10)
+            await c.readiness_check()
+
+
+async def test_slow_watcher_is_terminated_and_others_get_everything():
+    async with MemoryStorage(PODS) as st, Cacher(st, watcher_capacity=5) as c:
+        await c.wait_ready(5)
+        start = str(await st.get_current_resource_version())
+        slow = c.watch("/pods", ListOptions(resource_version=start, recursive=True))
+        await slow.start()
+        async with c.watch("/pods", ListOptions(resource_version=start, recursive=True)) as fast:
+            async def writer():
+                for i in range(60):
+                    await st.create(k(f"p{i}"), pod(f"p{i}"))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(writer)
+                got = await collect(fast, 60, timeout=20)
+        assert [n for _, n, _ in summary(got)] == [f"p{i}" for i in range(60)]
+        assert slow.termination is TerminationReason.TOO_SLOW and c.dispatcher.terminated == 1
+        drained = await collect_until_quiet(slow, 0.2)
+        assert len(drained) <= 5 and await slow.next_batch() == []
+
+
+async def test_watch_older_than_history_window_is_410():
+    async with MemoryStorage(PODS) as st, Cacher(st, history_lower=4, history_upper=4) as c:
+        await c.wait_ready(5)
+        first = await st.create(k("p0"), pod("p0"))
+        for i in range(1, 10):
+            last = await st.create(k(f"p{i}"), pod(f"p{i}"))
+        await c.get(k("p9"), GetOptions(resource_version=last["metadata"]["resourceVersion"]))
+        async with c.watch("/pods", ListOptions(resource_version=first["metadata"]["resourceVersion"],
+                                                recursive=True)) as w:
+            events = await collect(w, 2)
+        assert [e.type for e in events] == [EventType.ERROR] and events[0].object["code"] == 410
+        recent = str(int(last["metadata"]["resourceVersion"]) - 2)
+        async with c.watch("/pods", ListOptions(resource_version=recent, recursive=True)) as w:
+            assert [n for _, n, _ in summary(await collect(w, 2))] == ["p8", "p9"]
+
+
+async def test_bookmarks_sent_to_watchers_that_allow_them():
+    async with MemoryStorage(PODS) as st, Cacher(st, bookmark_frequency=0.5) as c:
+        await c.wait_ready(5)
+        start = str(await st.get_current_resource_version())
+        async with c.watch("/pods", ListOptions(resource_version=start, recursive=True,
+                                                allow_watch_bookmarks=True,
+                                                field_selector="spec.nodeName=n1")) as w, \
+                c.watch("/pods", ListOptions(resource_version=start, recursive=True)) as plain:
+            other = await st.create(k("x"), pod("x", "n2"))  # filtered out for w
+            marks = await collect(w, 1, timeout=5)
+            assert [e.type for e in await collect_until_quiet(plain, 0.3)] == [EventType.ADDED]
+        assert marks[0].type is EventType.BOOKMARK
+        assert marks[0].resource_version >= int(other["metadata"]["resourceVersion"])
+
+
+async def test_watch_options_are_validated():
+    async with MemoryStorage(PODS) as st, Cacher(st) as c:
+        await c.wait_ready(5)
+        for opts in (ListOptions(send_initial_events=True, recursive=True),
+                     ListOptions(resource_version_match="NotOlderThan", resource_version="1", recursive=True),
+                     ListOptions(resource_version_match="Exact", resource_version="1", recursive=True)):
+            with pytest.raises(BadRequestError):
+                c.watch("/pods", opts)
+
+
+async def test_leaving_the_cacher_ends_every_watch_and_task():
+    async with MemoryStorage(PODS) as st:
+        c = Cacher(st)
+        async with c:
+            await c.wait_ready(5)
+            w = c.watch("/pods", ListOptions(resource_version="0", recursive=True))
+            await w.start()
+        assert w.termination is TerminationReason.CACHE_STOPPED
+        assert await w.next_batch() == []
+        assert st.kv._sinks == set()  # the upstream watch was released too
