@@ -62,3 +62,11 @@ class TestConformance(StorageConformance):
 
 class TestClosed(ClosedStorageConformance):
     pass
+
+
+class TestConformanceTrio(StorageConformance):
+    """The same suite under trio: the library is anyio throughout."""
+
+    @pytest.fixture
+    def anyio_backend(self):
+        return "trio"
