@@ -140,6 +140,20 @@ class EventHistory:
         oldest = self.oldest_servable_rv()
         if rv < oldest:
             raise ExpiredError(f"too old resource version: {rv} ({oldest})")
-        revs = [self._at(i).resource_version for i in range(self.start, self.end)]
-        first = bisect.bisect_right(revs, rv)
+        first = bisect.bisect_right(_Revisions(self), rv)
         return [self._at(i) for i in range(self.start + first, self.end)]
+
+
+class _Revisions:
+    """A read-only sequence view of the history's resource versions, so bisect needs no copy."""
+
+    __slots__ = ("_h",)
+
+    def __init__(self, history: EventHistory) -> None:
+        self._h = history
+
+    def __len__(self) -> int:
+        return len(self._h)
+
+    def __getitem__(self, i: int) -> int:
+        return self._h._at(self._h.start + i).resource_version
