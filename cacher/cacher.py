@@ -100,6 +100,8 @@ class Cacher:
             self._tg.cancel_scope.cancel()
             await self._tg.__aexit__(None, None, None)
             self._tg = None
+        self._send.close()
+        self._receive.close()
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the first list is in the cache. Raises TimeoutError after ``timeout`` seconds."""
