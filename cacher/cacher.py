@@ -26,12 +26,13 @@ import anyio
 
 from cacher.dispatcher import ALL, Dispatcher, TimeBudget
 from cacher.history import EventHistory
+from cacher.progress import ProgressRequester, detect_consistent_read_support
 from cacher.reflector import LIST_PAGE_SIZE, Reflector
 from cacher.watch_cache import DEFAULT_FRESHNESS_TIMEOUT, WatchCache
 from cacher.watcher import CacheWatcher, TerminationReason
 from storage.continue_token import encode_continue
 from storage.errors import (ExpiredError, NotFoundError, StorageClosedError, StorageError,
-                            TooManyRequestsError)
+                            TooLargeResourceVersionError, TooManyRequestsError)
 from storage.interface import (INITIAL_EVENTS_END_ANNOTATION, EventType, GetOptions, ListOptions,
                                ListResult, Preconditions, Resource, ResourceVersionMatch, Stats, Storage,
                                UpdateFunc, ValidateDeletionFunc, WatchEvent, validate_list_options,
@@ -52,13 +53,17 @@ class Cacher:
     bookmark_frequency: seconds between bookmarks per watcher (60).
     page_size: reflector list page (10,000).
     progress_interval: seconds between progress requests while reads wait for freshness (0.1).
+    consistent_reads_from_cache: serve LISTs with resource version "" from the cache after waiting
+        for it to reach storage's current revision; None (default) decides from the storage's
+        version (etcd 3.4.31+ / 3.5.13+, or the memory backend), as Kubernetes does.
     """
 
     def __init__(self, storage: Storage, *, freshness_timeout: float = DEFAULT_FRESHNESS_TIMEOUT,
                  history_lower: int = 100, history_upper: int = 100 * 1024, fresh_duration: float = 75.0,
                  watcher_capacity: int | None = None, bookmark_frequency: float = 60.0,
                  page_size: int = LIST_PAGE_SIZE, progress_interval: float = 0.1,
-                 dispatch_budget: TimeBudget | None = None) -> None:
+                 dispatch_budget: TimeBudget | None = None,
+                 consistent_reads_from_cache: bool | None = None) -> None:
         self.storage = storage
         self.resource: Resource = storage.resource
         self.freshness_timeout = freshness_timeout
@@ -70,6 +75,9 @@ class Cacher:
         self._send, self._receive = anyio.create_memory_object_stream[Any](100)
         self.reflector = Reflector(storage, self.watch_cache, self._send.send, self._on_ready,
                                    self._on_reinit, page_size=page_size)
+        self.progress = ProgressRequester(storage, lambda: self.watch_cache.waiting, progress_interval)
+        self.consistent_reads_from_cache = consistent_reads_from_cache
+        self.consistent_reads = {"cache": 0, "fallback": 0, "delegated": 0}
         self.state = PENDING
         self._state_since = time.monotonic()
         self._ready_event = anyio.Event()
@@ -77,11 +85,13 @@ class Cacher:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def __aenter__(self) -> "Cacher":
+        if self.consistent_reads_from_cache is None:
+            self.consistent_reads_from_cache = await detect_consistent_read_support(self.storage)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self.reflector.run)
         self._tg.start_soon(self.dispatcher.run, self._receive)
-        self._tg.start_soon(self._progress_loop)
+        self._tg.start_soon(self.progress.run)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -134,16 +144,6 @@ class Cacher:
         downtime = time.monotonic() - self._state_since
         retry = int(min(30, max(1, math.exp(0.06 * downtime))))
         return TooManyRequestsError(f"storage is (re)initializing: {self.resource.prefix}", retry)
-
-    async def _progress_loop(self) -> None:
-        # While reads wait for freshness, ask storage for progress notifications (ConditionalProgressRequester).
-        while True:
-            await anyio.sleep(self.progress_interval)
-            if self.watch_cache.waiting and self.state == READY:
-                try:
-                    await self.storage.request_watch_progress()
-                except StorageError:
-                    pass
 
     # ---- writes: delegated -----------------------------------------------------------------------
     async def create(self, key: str, obj: dict[str, Any], ttl: int = 0) -> dict[str, Any]:
@@ -201,6 +201,8 @@ class Cacher:
         self._check_open()
         prefixed = self.resource.prepare_key(key, opts.recursive)
         validate_list_options(opts, prefixed)
+        if self._is_consistent_list(opts):
+            return await self._consistent_list(key, prefixed, opts)
         if self._should_delegate_list(opts):
             return await self.storage.get_list(key, opts)
         if self.state != READY:
@@ -211,14 +213,32 @@ class Cacher:
         return self._list_from_cache(prefixed, opts)
 
     @staticmethod
+    def _is_consistent_list(opts: ListOptions) -> bool:
+        return opts.resource_version == "" and not opts.continue_token and not opts.resource_version_match
+
+    async def _consistent_list(self, key: str, prefixed: str, opts: ListOptions) -> ListResult:
+        """KEP-2340: wait until the cache holds storage's current revision (progress requests speed
+        that up), then serve from the cache; on timeout fall back to storage. Delegated outright when
+        the backend's progress notifications are not trustworthy or the cache is not ready."""
+        if not self.consistent_reads_from_cache or self.state != READY:
+            self.consistent_reads["delegated"] += 1
+            return await self.storage.get_list(key, opts)
+        rv = await self.storage.get_current_resource_version()
+        try:
+            await self._wait_fresh(rv)
+        except TooLargeResourceVersionError:
+            self.consistent_reads["fallback"] += 1
+            return await self.storage.get_list(key, opts)
+        self.consistent_reads["cache"] += 1
+        return self._list_from_cache(prefixed, opts)
+
+    @staticmethod
     def _should_delegate_list(opts: ListOptions) -> bool:
         rvm = opts.resource_version_match
         if rvm == ResourceVersionMatch.EXACT or opts.continue_token:
             return True
         if rvm == ResourceVersionMatch.NOT_OLDER_THAN:
             return False
-        if opts.resource_version == "":
-            return True  # consistent read: served by storage until consistent reads from cache land
         return opts.limit > 0 and opts.revision > 0  # legacy: limit with N is an exact read
 
     async def _wait_fresh(self, rv: int) -> None:

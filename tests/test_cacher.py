@@ -226,3 +226,55 @@ async def test_leaving_the_cacher_ends_every_watch_and_task():
         assert w.termination is TerminationReason.CACHE_STOPPED
         assert await w.next_batch() == []
         assert st.kv._sinks == set()  # the upstream watch was released too
+
+
+@pytest.mark.parametrize("version,safe", [("memory", True), ("3.5.13", True), ("3.5.12", False), ("3.5.1", False),
+                                          ("3.4.31", True), ("3.4.30", False), ("3.6.0", True), ("v3.5.17", True),
+                                          ("garbage", False), ("", False)])
+def test_progress_notify_safety_by_etcd_version(version, safe):
+    from cacher.progress import progress_notify_is_safe
+    assert progress_notify_is_safe(version) is safe
+
+
+async def test_consistent_list_is_served_from_cache_once_fresh():
+    async with MemoryStorage(PODS) as st, Cacher(st) as c:
+        await c.wait_ready(5)
+        assert c.consistent_reads_from_cache is True
+        made = await st.create(k("a"), pod("a"))
+        got = await c.get_list("/pods", ListOptions(recursive=True))
+        assert [o["metadata"]["name"] for o in got.items] == ["a"]
+        assert got.revision >= int(made["metadata"]["resourceVersion"])
+        assert c.consistent_reads == {"cache": 1, "fallback": 0, "delegated": 0}
+
+
+async def test_con1_stalled_upstream_consistent_list_falls_back_to_storage():
+    async with MemoryStorage(PODS) as st, Cacher(st, freshness_timeout=0.5) as c:
+        await c.wait_ready(5)
+        before = await st.create(k("x"), pod("x"))
+        await c.get(k("x"), GetOptions(resource_version=before["metadata"]["resourceVersion"]))
+        st.kv.stall_watches()  # open but silent: no events, no progress notifications
+        updated = await st.guaranteed_update(k("x"), lambda o, m: {**o, "v": 2})
+        got = await c.get_list("/pods", ListOptions(recursive=True))
+        assert got.items[0]["v"] == 2 and got.revision >= int(updated["metadata"]["resourceVersion"])
+        assert c.consistent_reads["fallback"] == 1
+        stale = await c.get_list("/pods", ListOptions(resource_version="0", recursive=True))
+        assert stale.revision < int(updated["metadata"]["resourceVersion"])  # honest about its age
+        assert "v" not in stale.items[0]
+        st.kv.resume_watches()
+        fresh = await c.get(k("x"), GetOptions(resource_version=updated["metadata"]["resourceVersion"]))
+        assert fresh["v"] == 2
+
+
+async def test_consistent_list_is_delegated_on_etcd_without_safe_progress(etcd_server):
+    from storage.etcd3.store import Etcd3Storage
+    res = Resource(f"/pods{etcd_server.pid}x{id(object())}", field_paths=("spec.nodeName",))
+    async with Etcd3Storage(res, endpoints=[etcd_server.endpoint]) as st, Cacher(st) as c:
+        await c.wait_ready(10)
+        version = await st.server_version()
+        from cacher.progress import progress_notify_is_safe
+        assert c.consistent_reads_from_cache is progress_notify_is_safe(version)
+        await st.create(f"{res.prefix}/ns/a", {"metadata": {"name": "a", "namespace": "ns"}})
+        got = await c.get_list(res.prefix, ListOptions(recursive=True))
+        assert [o["metadata"]["name"] for o in got.items] == ["a"]
+        expected = "cache" if c.consistent_reads_from_cache else "delegated"
+        assert c.consistent_reads[expected] == 1
