@@ -15,6 +15,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Mapping, Protocol, runtime_checkable
 
+import orjson
+
 from storage.errors import BadRequestError, InvalidError, PreconditionFailedError
 from storage.selection import (EVERYTHING_FIELDS, EVERYTHING_LABELS, FieldSelector, LabelSelector,
                                SelectionPredicate, parse_field_selector, parse_label_selector)
@@ -53,6 +55,15 @@ class WatchEvent:
 
     type: EventType
     object: dict[str, Any]
+    _encoded: bytes | None = field(default=None, repr=False, compare=False)
+
+    def encode(self) -> bytes:
+        """The event as watch-stream JSON ``{"type": ..., "object": ...}`` (bytes), computed once and
+        kept: the cache hands one WatchEvent to every watcher of a change, so they all share one
+        serialization (Kubernetes cachingObject, KEP-1152)."""
+        if self._encoded is None:
+            self._encoded = orjson.dumps({"type": self.type.value, "object": self.object})
+        return self._encoded
 
     @property
     def resource_version(self) -> int:

@@ -278,3 +278,19 @@ async def test_consistent_list_is_delegated_on_etcd_without_safe_progress(etcd_s
         assert [o["metadata"]["name"] for o in got.items] == ["a"]
         expected = "cache" if c.consistent_reads_from_cache else "delegated"
         assert c.consistent_reads[expected] == 1
+
+
+async def test_one_event_object_and_one_serialization_shared_by_all_watchers():
+    async with MemoryStorage(PODS) as st, Cacher(st) as c:
+        await c.wait_ready(5)
+        start = str(await st.get_current_resource_version())
+        watches = [c.watch("/pods", ListOptions(resource_version=start, recursive=True)) for _ in range(3)]
+        for w in watches:
+            await w.start()
+        await st.create(k("a"), pod("a"))
+        events = [(await collect(w, 1))[0] for w in watches]
+        assert events[0] is events[1] is events[2]
+        assert events[0].encode() is events[2].encode()
+        assert b'"type":"ADDED"' in events[0].encode()
+        for w in watches:
+            await w.stop()
