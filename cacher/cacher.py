@@ -75,7 +75,8 @@ class Cacher:
         self._send, self._receive = anyio.create_memory_object_stream[Any](100)
         self.reflector = Reflector(storage, self.watch_cache, self._send.send, self._on_ready,
                                    self._on_reinit, page_size=page_size)
-        self.progress = ProgressRequester(storage, lambda: self.watch_cache.waiting, progress_interval)
+        self.progress = ProgressRequester(storage, lambda: self.watch_cache.waiting, progress_interval,
+                                          enabled=lambda: bool(self.consistent_reads_from_cache))
         self.consistent_reads_from_cache = consistent_reads_from_cache
         self.consistent_reads = {"cache": 0, "fallback": 0, "delegated": 0}
         self.state = PENDING

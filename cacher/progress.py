@@ -56,17 +56,20 @@ async def detect_consistent_read_support(storage: Storage) -> bool:
 
 
 class ProgressRequester:
-    """Calls ``storage.request_watch_progress()`` every ``interval`` seconds while ``waiting()`` > 0."""
+    """Calls ``storage.request_watch_progress()`` every ``interval`` seconds while ``waiting()`` > 0
+    and ``enabled()``: only where progress notifications are safe, since an early one (etcd #15220)
+    would let the cache claim a revision whose events it has not applied yet."""
 
-    def __init__(self, storage: Storage, waiting: Callable[[], int], interval: float = 0.1) -> None:
-        self.storage, self.waiting, self.interval = storage, waiting, interval
+    def __init__(self, storage: Storage, waiting: Callable[[], int], interval: float = 0.1,
+                 enabled: Callable[[], bool] = lambda: True) -> None:
+        self.storage, self.waiting, self.interval, self.enabled = storage, waiting, interval, enabled
         self.requests = 0
 
     async def run(self) -> None:
         """Loop until cancelled."""
         while True:
             await anyio.sleep(self.interval)
-            if self.waiting():
+            if self.waiting() and self.enabled():
                 self.requests += 1
                 try:
                     await self.storage.request_watch_progress()

@@ -3,6 +3,8 @@ slow watchers, history window, bookmarks, indexes and shutdown. Runs under async
 
 from __future__ import annotations
 
+import uuid
+
 import anyio
 import pytest
 
@@ -267,7 +269,7 @@ async def test_con1_stalled_upstream_consistent_list_falls_back_to_storage():
 
 async def test_consistent_list_is_delegated_on_etcd_without_safe_progress(etcd_server):
     from storage.etcd3.store import Etcd3Storage
-    res = Resource(f"/pods{etcd_server.pid}x{id(object())}", field_paths=("spec.nodeName",))
+    res = Resource(f"/pods-{uuid.uuid4().hex}", field_paths=("spec.nodeName",))
     async with Etcd3Storage(res, endpoints=[etcd_server.endpoint]) as st, Cacher(st) as c:
         await c.wait_ready(10)
         version = await st.server_version()
