@@ -70,3 +70,13 @@ class TestConformanceTrio(StorageConformance):
     @pytest.fixture
     def anyio_backend(self):
         return "trio"
+
+
+class TestConformanceEtcd34(StorageConformance):
+    """The etcd3 target against etcd 3.4 (Debian's etcd-server), asyncio only: the server version the
+    oldest supported clusters run (progress notifications differ: reference 2.10)."""
+
+    @pytest.fixture
+    def target(self, etcd34_server) -> Target:
+        assert etcd34_server.version.startswith("3.4."), etcd34_server.version
+        return etcd_target(etcd34_server)

@@ -261,6 +261,20 @@ class EtcdClient:
             current = kvs[0] if kvs else None
         return resp.succeeded, resp.header.revision, current
 
+    def compare_version_and_put(self, key: bytes, expected_version: int, value: bytes) -> tuple[bool, int, int]:
+        """Txn(If Version(key) == expected_version Then Put(key, value) Else Get(key)) — the
+        compactor's transaction (etcd3/compact.go). Returns (succeeded, header revision, the key's
+        version after the txn: expected + 1 on success, the version found (0 if absent) on failure)."""
+        compare = etcdrpc.Compare(result=etcdrpc.Compare.EQUAL, target=etcdrpc.Compare.VERSION, key=key,
+                                  version=expected_version)
+        put = etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, value=value))
+        get = etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key))
+        resp = self._call(lambda s: s.kv.Txn, etcdrpc.TxnRequest(compare=[compare], success=[put], failure=[get]))
+        if resp.succeeded:
+            return True, resp.header.revision, expected_version + 1
+        kvs = resp.responses[0].response_range.kvs
+        return False, resp.header.revision, kvs[0].version if kvs else 0
+
     def lease_grant(self, ttl: int) -> int:
         """Grant a lease of ``ttl`` seconds; returns its id."""
         return self._call(lambda s: s.lease.LeaseGrant, etcdrpc.LeaseGrantRequest(TTL=ttl)).ID

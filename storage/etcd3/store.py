@@ -381,6 +381,18 @@ class Etcd3Storage:
         # Called from watch threads too; a lost update could only keep a smaller lower bound.
         self._compacted = max(self._compacted, revision)
 
+    async def lease_of(self, key: str) -> int:
+        """Test hook: the id of the etcd lease attached to ``key`` (0 if none or the key is absent)."""
+        self._check_open()
+        resp = await self._client.run(self._client.range, self._etcd_key(key).encode())
+        return resp.kvs[0].lease if resp.kvs else 0
+
+    def new_compactor(self, interval: float = 300.0, *, key: str = "compact_rev_key"):
+        """A periodic Compactor (storage/etcd3/compactor.py) sharing this storage's etcd connection;
+        not started. Stop it before closing the storage."""
+        from storage.etcd3.compactor import new_compactor
+        return new_compactor(self, interval, key=key)
+
     async def compact(self, revision: int) -> None:
         """Physically compact etcd's history below ``revision`` (all resources: the keyspace is shared).
 

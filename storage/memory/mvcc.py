@@ -25,13 +25,15 @@ from storage.errors import ExpiredError, TooLargeResourceVersionError
 
 @dataclass(slots=True)
 class KeyValue:
-    """One version of a key: ``value`` None marks a deletion (tombstone)."""
+    """One version of a key: ``value`` None marks a deletion (tombstone). ``version`` counts the
+    writes since the key was (re)created, 1 for the first (etcd's KeyValue.version)."""
 
     key: str
     value: bytes | None
     mod_revision: int
     create_revision: int
     lease: int = 0
+    version: int = 1
 
 
 @dataclass(slots=True)
@@ -160,9 +162,24 @@ class MemoryKV:
         if lease and lease not in self._leases:
             lease = 0
         self.revision += 1
-        kv = KeyValue(key, value, self.revision, cur.create_revision if cur else self.revision, lease)
+        kv = KeyValue(key, value, self.revision, cur.create_revision if cur else self.revision, lease,
+                      cur.version + 1 if cur else 1)
         self._write(kv, cur)
         return True, self.revision, kv
+
+    def put_if_version(self, key: str, value: bytes, expected_version: int) -> tuple[bool, int, int]:
+        """Txn(If Version(key) == expected Then Put Else Get) — the compactor's transaction.
+
+        Returns ``(succeeded, header revision, the key's version after the txn)`` (0 if absent).
+        """
+        self.expire_leases()
+        cur = self._at(key, self.revision)
+        version = cur.version if cur else 0
+        if version != expected_version:
+            return False, self.revision, version
+        ok, rev, kv = self.put_if(key, value, cur.mod_revision if cur else 0)
+        assert ok and kv is not None
+        return True, rev, kv.version
 
     def delete_if(self, key: str, expected_mod_revision: int) -> tuple[bool, int, KeyValue | None]:
         """Txn(If mod_revision(key) == expected Then Delete Else Get); on success kv is the previous one."""
@@ -191,6 +208,11 @@ class MemoryKV:
         lease_id = next(self._lease_ids)
         self._leases[lease_id] = _Lease(ttl, self._clock() + ttl)
         return lease_id
+
+    def lease_of(self, key: str) -> int:
+        """Test hook: the lease id attached to the live ``key`` (0 if none or absent)."""
+        kv = self._at(key, self.revision)
+        return kv.lease if kv is not None else 0
 
     def lease_remaining(self, lease_id: int) -> float | None:
         """Seconds until the lease expires, or None if it no longer exists."""

@@ -300,6 +300,16 @@ class MemoryStorage:
         """The latest compacted revision (0 if never compacted)."""
         return self.kv.compacted
 
+    async def lease_of(self, key: str) -> int:
+        """Test hook: the id of the lease attached to ``key`` (0 if none or the key is absent)."""
+        self._check_open()
+        return self.kv.lease_of(self.resource.prepare_key(key))
+
+    def new_compactor(self, interval: float = 300.0, *, key: str = "compact_rev_key"):
+        """A periodic Compactor (storage/compaction.py) over this storage's MemoryKV; not started."""
+        from storage.memory.compactor import new_compactor
+        return new_compactor(self, interval, key=key)
+
     async def compact(self, revision: int) -> None:
         """Compact the store's history below ``revision``."""
         self._check_open()

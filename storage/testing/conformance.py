@@ -540,6 +540,134 @@ class StorageConformance:
         await w.stop()
         assert await w.next_batch() == []
 
+    async def test_watch_stop_and_cancel_free_stream_and_thread(self, env):
+        s, raw, res, target = env
+        streams, threads = _stream_resources(raw), _live_threads(target)
+        watches = [s.watch(res.prefix, ListOptions(resource_version="0", recursive=True)) for _ in range(3)]
+        for w in watches:
+            await w.start()
+        await s.create(key(res, "a"), pod(res, "a"))
+        for w in watches:
+            assert summary(await collect(w, 1)) [0][:2] == ("ADDED", "a")
+        with anyio.move_on_after(0.2):  # a consumer cancelled while waiting inside the watch block
+            async with s.watch(res.prefix, ListOptions(resource_version="0", recursive=True)) as w4:
+                await collect(w4, 1)
+                await w4.next_batch()  # nothing more comes: cancelled here
+        for w in watches:
+            await w.stop()
+        await _assert_released(raw, target, streams, threads)
+
+    # ---------------------------------------------------------------- cancellation
+    async def test_cancelled_update_leaves_no_partial_write_or_leak(self, env):
+        s, raw, res, target = env
+        created = await s.create(key(res, "c"), pod(res, "c", spec={"count": 0, "copy": 0}))
+        streams, threads = _stream_resources(raw), _live_threads(target)
+
+        def inc(obj, meta):
+            n = obj["spec"]["count"] + 1
+            obj["spec"] = {"count": n, "copy": n}
+            return obj
+
+        returned = 0
+        for i in range(20):
+            with anyio.move_on_after(0.002 * (i % 5)):  # from "before it starts" to "while in flight"
+                await s.guaranteed_update(key(res, "c"), inc)
+                returned += 1
+        final = await s.get(key(res, "c"))
+        n = final["spec"]["count"]
+        assert final["spec"]["copy"] == n and returned <= n <= 20
+        async with raw.watch(key(res, "c"), ListOptions(resource_version=str(rv_of(created)))) as w:
+            events = await collect(w, n)
+        # Every write that happened is whole and in order: counts 1..n, one revision each.
+        assert [(e.type, e.object["spec"]["count"], e.object["spec"]["copy"]) for e in events] == [
+            (EventType.MODIFIED, i, i) for i in range(1, n + 1)]
+        assert (await s.guaranteed_update(key(res, "c"), inc))["spec"]["count"] == n + 1
+        await _assert_released(raw, target, streams, threads)
+
+    async def test_cancelled_list_leaves_no_leak_and_storage_usable(self, env):
+        s, raw, res, target = env
+        for i in range(30):
+            await s.create(key(res, f"p{i:02}"), pod(res, f"p{i:02}"))
+        streams, threads = _stream_resources(raw), _live_threads(target)
+        for i in range(10):
+            with anyio.move_on_after(0.001 * i):
+                await s.get_list(res.prefix, ListOptions(limit=7, recursive=True))
+            with anyio.move_on_after(0.001 * i):
+                await s.get_list(res.prefix, ListOptions(recursive=True))
+        assert len((await s.get_list(res.prefix, ListOptions(recursive=True))).items) == 30
+        assert (await s.stats()).object_count == 30
+        await _assert_released(raw, target, streams, threads)
+
+    # ---------------------------------------------------------------- TTL leases
+    async def test_ttl_objects_share_one_lease_within_reuse_window(self, env):
+        s, raw, res, _ = env
+        # ttl 100 s: reuse window min(5% of 100, 60) = 5 s, so writes within it share the lease.
+        for i in range(5):
+            await s.create(key(res, f"t{i}"), pod(res, f"t{i}"), ttl=100)
+        leases = {await raw.lease_of(key(res, f"t{i}")) for i in range(5)}
+        assert len(leases) == 1 and 0 not in leases
+        await s.create(key(res, "forever"), pod(res, "forever"))
+        assert await raw.lease_of(key(res, "forever")) == 0
+        # A longer TTL would outlive the shared lease: it gets its own.
+        await s.create(key(res, "long"), pod(res, "long"), ttl=300)
+        assert await raw.lease_of(key(res, "long")) not in leases | {0}
+        await s.guaranteed_update(key(res, "t0"), lambda o, m: ({**o, "status": {"phase": "Running"}}, 100))
+        assert await raw.lease_of(key(res, "t0")) not in (0,)
+
+    # ---------------------------------------------------------------- compaction
+    async def test_compactor_rounds_coordinate_through_compact_rev_key(self, env):
+        s, raw, res, _ = env
+        ckey = f"compact_rev_key{res.prefix}"
+        c1, c2 = raw.new_compactor(300, key=ckey), raw.new_compactor(300, key=ckey)
+        old = await s.create(key(res, "a"), pod(res, "a"))
+        first = await c1.run_once()
+        assert first.won and first.compacted == 0  # the first round never compacts
+        assert not (await c2.run_once()).won and c2.logical_time == c1.logical_time == 1
+        await s.guaranteed_update(key(res, "a"), lambda o, m: {**o, "status": {"phase": "Running"}})
+        second = await c1.run_once()
+        assert second.won and second.compacted == first.revision > rv_of(old)
+        lost = await c2.run_once()
+        assert not lost.won and lost.compacted == 0 and c2.logical_time == c1.logical_time == 2
+        assert c1.compactions == 1 and c2.compactions == 0
+        # c1 misses a round: c2's logical time is current, so c2 wins and compacts to what it saw.
+        third = await c2.run_once()
+        assert third.won and third.compacted == lost.revision and c1.compactions + c2.compactions == 2
+        assert raw.compact_revision() >= lost.revision
+        await _assert_compacted_below(s, raw, res, rv_of(old), lost.revision)
+
+    async def test_compactor_every_interval_compacts_to_revision_one_interval_earlier(self, env):
+        s, raw, res, target = env
+        ckey = f"compact_rev_key{res.prefix}"
+        old = await s.create(key(res, "a"), pod(res, "a"))
+        log: list[tuple[str, str, int, int]] = []
+        compactors = [raw.new_compactor(0.3, key=ckey) for _ in range(2)]
+        for name, c in zip("AB", compactors):
+            c.kv = _RecordingKV(c.kv, name, log)
+        async with compactors[0], compactors[1]:
+            with anyio.fail_after(15):
+                i = 0
+                while sum(c.compactions for c in compactors) < 2:
+                    await s.create(key(res, f"w{i}"), pod(res, f"w{i}"))
+                    i += 1
+                    await anyio.sleep(0.05)
+        cas_revs: dict[str, list[int]] = {"A": [], "B": []}
+        compacted_at: dict[int, str] = {}
+        targets = []
+        for kind, name, rev, version in log:
+            if kind == "cas":
+                cas_revs[name].append(rev)
+                continue
+            # A compaction, right after this compactor's winning transaction: it compacts to the
+            # revision it saw at its previous round, and no other compaction has this logical time.
+            assert rev == cas_revs[name][-2]
+            assert version not in compacted_at, "two compactors compacted in one round"
+            compacted_at[version] = name
+            targets.append(rev)
+        assert targets == sorted(targets) and len(targets) >= 2
+        assert sum(c.compactions for c in compactors) == len(targets)
+        assert targets[-1] > rv_of(old)
+        await _assert_compacted_below(s, raw, res, rv_of(old), targets[-1])
+
     # ---------------------------------------------------------------- metadata
     async def test_stats_current_revision_readiness(self, env):
         s, _, res, _ = env
@@ -605,3 +733,73 @@ class ClosedStorageConformance:
             with pytest.raises(StorageClosedError):
                 async with s.watch(res.prefix, ListOptions(recursive=True)):
                     pass
+
+
+class _RecordingKV:
+    """A CompactorKV wrapper recording ("cas", name, revision, version) for each won or lost
+    transaction and ("compact", name, revision, logical time) for each compaction, in call order."""
+
+    def __init__(self, inner: Any, name: str, log: list) -> None:
+        self.inner, self.name, self.log = inner, name, log
+        self.version = 0
+
+    async def compare_version_and_put(self, key: str, expected_version: int, value: bytes):
+        res = await self.inner.compare_version_and_put(key, expected_version, value)
+        self.version = res.version
+        self.log.append(("cas", self.name, res.revision, res.version))
+        return res
+
+    async def compact(self, revision: int) -> None:
+        self.log.append(("compact", self.name, revision, self.version))
+        await self.inner.compact(revision)
+
+
+async def _assert_compacted_below(s: Storage, raw: Any, res: Resource, below: int, compacted: int) -> None:
+    """Reads and watches of the raw backend at ``below`` (< ``compacted``) get 410; at ``compacted`` work."""
+    assert below < compacted
+    with pytest.raises(ExpiredError) as err:
+        await raw.get_list(res.prefix, ListOptions(resource_version=str(below), resource_version_match="Exact",
+                                                   recursive=True))
+    assert err.value.status == 410
+    await raw.get_list(res.prefix, ListOptions(resource_version=str(compacted), resource_version_match="Exact",
+                                               recursive=True))
+    async with raw.watch(res.prefix, ListOptions(resource_version=str(below), recursive=True)) as w:
+        events = await collect(w, 5, timeout=3)
+    assert [e.type for e in events] == [EventType.ERROR] and events[0].object["code"] == 410
+    assert (await s.get(key(res, "a")))["metadata"]["name"] == "a"  # the latest state is intact
+
+
+def _stream_resources(raw: Any) -> int:
+    """Open watch streams of a raw backend: its registry of watches, plus the MemoryKV's sinks."""
+    count = len(getattr(raw, "_watches", ()))
+    kv = getattr(raw, "kv", None)
+    if kv is not None:
+        count += len(kv._sinks)
+    return count
+
+
+def _live_threads(target: Target) -> set[int]:
+    """Live threads other than the pooled worker threads of anyio (asyncio) and trio (reused, idle
+    ones linger by design: they are not leaks).
+
+    Cached targets return an empty set: the Cacher's one upstream watch (and the gRPC threads of its
+    stream) may be (re)opened by the reflector at any time, so only its stream count is compared.
+    """
+    import threading
+    if target.cached:
+        return set()
+    return {t.ident for t in threading.enumerate()  # type: ignore[misc]
+            if t.is_alive() and not t.name.startswith(("AnyIO worker", "Trio thread"))}
+
+
+async def _assert_released(raw: Any, target: Target, streams: int, threads: set[int],
+                           timeout: float = 5.0) -> None:
+    """Wait until the raw backend holds no more streams than ``streams`` and no thread outside
+    ``threads`` is alive (watch threads end shortly after stop)."""
+    with anyio.move_on_after(timeout):
+        while _stream_resources(raw) > streams or _live_threads(target) - threads:
+            await anyio.sleep(0.02)
+    assert _stream_resources(raw) <= streams
+    import threading
+    extra = _live_threads(target) - threads
+    assert not extra, [t.name for t in threading.enumerate() if t.ident in extra]
