@@ -80,3 +80,25 @@ class TestConformanceEtcd34(StorageConformance):
     def target(self, etcd34_server) -> Target:
         assert etcd34_server.version.startswith("3.4."), etcd34_server.version
         return etcd_target(etcd34_server)
+
+
+@pytest.mark.parametrize("backend", ["memory", "etcd3"])
+async def test_list_larger_than_the_default_page_reads_every_page_at_one_revision(backend, request,
+                                                                                   monkeypatch):
+    """A list with no limit over more keys than the backend reads per round trip (10,000 by default;
+    shrunk to 5 here) still returns every object, all read at the first page's revision."""
+    import storage.etcd3.lister as etcd_lister
+    import storage.memory.store as memory_store
+    from storage.interface import ListOptions
+    from storage.testing.conformance import fresh_resource, key, pod
+
+    monkeypatch.setattr(etcd_lister, "MAX_PAGE", 5)
+    monkeypatch.setattr(memory_store, "MAX_PAGE", 5)
+    target = etcd_target(request.getfixturevalue("etcd_server")) if backend == "etcd3" else memory_target()
+    res = fresh_resource()
+    async with target.open(res) as (s, _):
+        for i in range(12):
+            await s.create(key(res, f"p{i:02d}"), pod(res, f"p{i:02d}"))
+        listed = await s.get_list(res.prefix, ListOptions(recursive=True))
+        assert [o["metadata"]["name"] for o in listed.items] == [f"p{i:02d}" for i in range(12)]
+        assert listed.continue_token == "" and listed.revision == await s.get_current_resource_version()
