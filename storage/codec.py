@@ -21,9 +21,13 @@ MAX_OBJECT_BYTES = 1536 * 1024
 class Codec(Protocol):
     """Encodes objects (dicts) for storage and decodes them back, stamping a resourceVersion."""
 
-    def encode(self, obj: dict[str, Any]) -> bytes: ...
+    def encode(self, obj: dict[str, Any]) -> bytes:
+        """Bytes to store for ``obj`` (without its resourceVersion); typed errors for bad objects."""
+        ...
 
-    def decode(self, data: bytes, rv: int) -> dict[str, Any]: ...
+    def decode(self, data: bytes, rv: int) -> dict[str, Any]:
+        """The object stored as ``data``, stamped with resourceVersion ``rv``."""
+        ...
 
 
 class JSONCodec:
