@@ -18,6 +18,7 @@ Objects returned from the cache are shared with the cache and every watcher: tre
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any
@@ -25,7 +26,9 @@ from typing import Any
 import anyio
 
 from cacher.dispatcher import ALL, Dispatcher, TimeBudget
+from cacher.consistency import DEFAULT_INTERVAL as CONSISTENCY_CHECK_INTERVAL, ConsistencyChecker
 from cacher.history import EventHistory
+from cacher.metrics import CacherMetrics
 from cacher.progress import ProgressRequester, detect_consistent_read_support
 from cacher.reflector import LIST_PAGE_SIZE, Reflector
 from cacher.watch_cache import DEFAULT_FRESHNESS_TIMEOUT, WatchCache
@@ -40,6 +43,7 @@ from storage.interface import (INITIAL_EVENTS_END_ANNOTATION, EventType, GetOpti
 from storage.versioner import parse_resource_version
 
 PENDING, READY, STOPPED = "pending", "ready", "stopped"
+_log = logging.getLogger(__name__)
 
 
 class Cacher:
@@ -53,6 +57,9 @@ class Cacher:
     bookmark_frequency: seconds between bookmarks per watcher (60).
     page_size: reflector list page (10,000).
     progress_interval: seconds between progress requests while reads wait for freshness (0.1).
+    catch_up_lagging: a watcher whose buffer is full is moved aside and caught up from the history
+        (ended with 410 only once the history moved past it) instead of sharing the dispatch time
+        budget and being terminated as too slow (True; False = Kubernetes behaviour). See dispatcher.py.
     consistent_reads_from_cache: serve LISTs with resource version "" from the cache after waiting
         for it to reach storage's current revision; None (default) decides from the storage's
         version (etcd 3.4.31+ / 3.5.13+, or the memory backend), as Kubernetes does.
@@ -62,8 +69,10 @@ class Cacher:
                  history_lower: int = 100, history_upper: int = 100 * 1024, fresh_duration: float = 75.0,
                  watcher_capacity: int | None = None, bookmark_frequency: float = 60.0,
                  page_size: int = LIST_PAGE_SIZE, progress_interval: float = 0.1,
-                 dispatch_budget: TimeBudget | None = None,
-                 consistent_reads_from_cache: bool | None = None) -> None:
+                 dispatch_budget: TimeBudget | None = None, catch_up_lagging: bool = True,
+                 consistent_reads_from_cache: bool | None = None,
+                 metrics_registry: Any = None, consistency_checks: bool = True,
+                 consistency_check_interval: float = CONSISTENCY_CHECK_INTERVAL) -> None:
         self.storage = storage
         self.resource: Resource = storage.resource
         self.freshness_timeout = freshness_timeout
@@ -71,7 +80,9 @@ class Cacher:
         self.progress_interval = progress_interval
         self.watch_cache = WatchCache(self.resource, EventHistory(history_lower, history_upper, fresh_duration))
         self.dispatcher = Dispatcher(self.resource.trigger_field, dispatch_budget,
-                                     bookmark_frequency=bookmark_frequency)
+                                     bookmark_frequency=bookmark_frequency,
+                                     history=lambda: self.watch_cache.history,
+                                     catch_up_lagging=catch_up_lagging)
         self._send, self._receive = anyio.create_memory_object_stream[Any](100)
         self.reflector = Reflector(storage, self.watch_cache, self._send.send, self._on_ready,
                                    self._on_reinit, page_size=page_size)
@@ -83,6 +94,17 @@ class Cacher:
         self._state_since = time.monotonic()
         self._ready_event = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
+        # Item 12 metrics hooks (cacher/metrics.py) and the item 11 consistency checker.
+        self.metrics = CacherMetrics(self.resource, metrics_registry)
+        self.metrics.capacity.set(self.watch_cache.history.capacity)
+        self.watch_cache.history.on_resize = self.metrics.record_capacity_change
+        self.dispatcher.on_dispatched = self.metrics.events_dispatched.inc
+        self.dispatcher.on_terminated = self._on_watcher_terminated
+        self.reflector.send = self._ingest
+        self._init_started = time.monotonic()
+        self._list_index = ""
+        self.consistency_checks = consistency_checks
+        self.consistency_checker = ConsistencyChecker(self, consistency_check_interval)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def __aenter__(self) -> "Cacher":
@@ -93,6 +115,8 @@ class Cacher:
         self._tg.start_soon(self.reflector.run)
         self._tg.start_soon(self.dispatcher.run, self._receive)
         self._tg.start_soon(self.progress.run)
+        if self.consistency_checks:
+            self._tg.start_soon(self.consistency_checker.run)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -128,13 +152,46 @@ class Cacher:
         self.state, self._state_since = state, time.monotonic()
 
     def _on_ready(self) -> None:
+        self.metrics.initializations.inc()
+        self.metrics.init_events.inc(len(self.watch_cache.store))
+        self.metrics.initialization_duration.observe(time.monotonic() - self._init_started)
+        self.metrics.record_resource_version(self.watch_cache.resource_version)
         self._set_state(READY)
         self._ready_event.set()
 
     def _on_reinit(self, error: BaseException) -> None:
+        if self.state == PENDING:
+            self.metrics.initialization_errors.inc()  # the (re)list itself failed
+        else:
+            self._init_started = time.monotonic()
         self._set_state(PENDING)
         self._ready_event = anyio.Event()
         self.dispatcher.terminate_all(TerminationReason.REINITIALIZED)
+
+    def reinitialize(self, reason: str) -> None:
+        """Throw the cache away and list again (used by the consistency checker on a mismatch).
+
+        reason: logged. Every open watch ends with TerminationReason.REINITIALIZED, the cache is
+        Pending (reads are delegated or 429 as during start-up) until the reflector, whose current
+        list/watch is abandoned, has listed again. No-op once stopped. Mirrors what a failed
+        upstream does (cacher.go: the reflector re-lists and the watch cache is Replaced).
+        """
+        if self.state == STOPPED:
+            return
+        _log.warning("cacher %s: re-initialising: %s", self.resource.prefix, reason)
+        self._on_reinit(RuntimeError(reason))
+        self.reflector.relist()
+
+    def _on_watcher_terminated(self, w: CacheWatcher) -> None:
+        self.metrics.terminated_watchers.inc()
+
+    async def _ingest(self, item: Any) -> None:
+        """The reflector's send: counts events_received and the resource version, then queues the
+        batch (a list of CacheEvents, or an int resource version) for the dispatcher."""
+        if isinstance(item, list):
+            self.metrics.events_received.inc(len(item))
+        self.metrics.record_resource_version(self.watch_cache.resource_version)
+        await self._send.send(item)
 
     def _check_open(self) -> None:
         if self.state == STOPPED:
@@ -195,23 +252,34 @@ class Cacher:
         return elem.object
 
     async def get_list(self, key: str, opts: ListOptions = ListOptions()) -> ListResult:
-        """LIST: served from the cache for resource version "0" (limit ignored, as Kubernetes does),
-        N without limit, and NotOlderThan; delegated to storage for "" (consistent), Exact, continue
-        pages and the legacy limit+N rule (delegator.go ShouldDelegateList). While not ready: delegated
-        when there are no selectors and a limit, else TooManyRequestsError (429)."""
+        """LIST, by the Kubernetes delegation table (delegator.go ShouldDelegateList, with snapshots):
+
+        - resource version "0" (limit ignored, as Kubernetes does), N without limit, NotOlderThan:
+          served from the cache once it is at least at N;
+        - "" (consistent): from the cache where progress notifications are safe, else storage;
+        - Exact N, continue pages and the legacy limit+N rule: the state at exactly N, rebuilt from
+          the cache while N is inside the history window (and not below storage's compaction);
+          otherwise delegated, so storage answers (410 when compacted).
+        While not ready: delegated when there are no selectors and a limit, else 429.
+        """
         self._check_open()
         prefixed = self.resource.prepare_key(key, opts.recursive)
-        validate_list_options(opts, prefixed)
+        _, continue_key = validate_list_options(opts, prefixed)
         if self._is_consistent_list(opts):
             return await self._consistent_list(key, prefixed, opts)
-        if self._should_delegate_list(opts):
-            return await self.storage.get_list(key, opts)
+        exact_rv = self._exact_revision(opts)
+        if exact_rv is not None:
+            return await self._exact_list(key, prefixed, opts, exact_rv, continue_key)
+        if opts.continue_token:
+            return await self.storage.get_list(key, opts)  # "continue at latest" after a compaction
         if self.state != READY:
             if opts.predicate.empty() and opts.limit > 0:
                 return await self.storage.get_list(key, opts)
             raise self._not_ready_error()
         await self._wait_fresh(opts.revision)
-        return self._list_from_cache(prefixed, opts)
+        rv = self.watch_cache.resource_version
+        limit = 0 if opts.resource_version == "0" else opts.limit
+        return self._page(self._current_elements(prefixed, opts), prefixed, opts, rv, limit)
 
     @staticmethod
     def _is_consistent_list(opts: ListOptions) -> bool:
@@ -229,36 +297,67 @@ class Cacher:
             await self._wait_fresh(rv)
         except TooLargeResourceVersionError:
             self.consistent_reads["fallback"] += 1
-            return await self.storage.get_list(key, opts)
+            try:
+                page = await self.storage.get_list(key, opts)
+            except BaseException:
+                self.metrics.record_consistent_read(success=False, fallback=True)
+                raise
+            self.metrics.record_consistent_read(success=True, fallback=True)
+            return page
         self.consistent_reads["cache"] += 1
-        return self._list_from_cache(prefixed, opts)
+        self.metrics.record_consistent_read(success=True, fallback=False)
+        return self._page(self._current_elements(prefixed, opts), prefixed, opts,
+                          self.watch_cache.resource_version, opts.limit)
 
     @staticmethod
-    def _should_delegate_list(opts: ListOptions) -> bool:
-        rvm = opts.resource_version_match
-        if rvm == ResourceVersionMatch.EXACT or opts.continue_token:
-            return True
-        if rvm == ResourceVersionMatch.NOT_OLDER_THAN:
-            return False
-        return opts.limit > 0 and opts.revision > 0  # legacy: limit with N is an exact read
+    def _exact_revision(opts: ListOptions) -> int | None:
+        """The revision a LIST must be read at exactly, or None (latest / not older than)."""
+        if opts.resource_version_match == ResourceVersionMatch.EXACT:
+            return opts.revision
+        if opts.continue_token:
+            from storage.continue_token import decode_continue
+            _, token_rv = decode_continue(opts.continue_token, "/")
+            return token_rv if token_rv > 0 else None
+        if not opts.resource_version_match and opts.limit > 0 and opts.revision > 0:
+            return opts.revision  # legacy: limit with N is an exact read
+        return None
+
+    async def _exact_list(self, key: str, prefixed: str, opts: ListOptions, rv: int,
+                          continue_key: str) -> ListResult:
+        """cacher.go shouldDelegateExactRV + waitAndListExactRV: serve the state at ``rv`` from the
+        cache when it can be rebuilt there, else delegate."""
+        wc = self.watch_cache
+        if not opts.recursive or self.state != READY or rv < self.storage.compact_revision():
+            return await self.storage.get_list(key, opts)
+        if rv > wc.resource_version:
+            if not self.consistent_reads_from_cache:
+                return await self.storage.get_list(key, opts)
+            await self._wait_fresh(rv)
+        if not wc.can_serve_exact(rv):
+            return await self.storage.get_list(key, opts)
+        elems = wc.elements_at(rv, prefixed, continue_key)
+        return self._page(elems, prefixed, opts, rv, opts.limit, continue_key)
 
     async def _wait_fresh(self, rv: int) -> None:
-        await self.watch_cache.wait_until_fresh(rv, self.freshness_timeout)
+        with self.metrics.read_wait.time():  # apiserver_watch_cache_read_wait_seconds
+            await self.watch_cache.wait_until_fresh(rv, self.freshness_timeout)
 
-    def _list_from_cache(self, prefixed: str, opts: ListOptions) -> ListResult:
-        pred, store = opts.predicate, self.watch_cache.store
-        rv = self.watch_cache.resource_version
-        limit = 0 if opts.resource_version == "0" else opts.limit
+    def _current_elements(self, prefixed: str, opts: ListOptions):
         if not opts.recursive:
-            elem = store.get(prefixed)
-            elems = [elem] if elem is not None else []
-        else:
-            elems = self._indexed(prefixed, opts)
-        items: list[dict[str, Any]] = []
+            elem = self.watch_cache.store.get(prefixed)
+            return [elem] if elem is not None else []
+        return self._indexed(prefixed, opts)
+
+    def _page(self, elems, prefixed: str, opts: ListOptions, rv: int, limit: int,
+              continue_key: str = "") -> ListResult:
+        """Filter ``elems`` (key order) by the predicate on their precomputed attributes and cut a
+        page of ``limit`` (0 = all); the continue token carries ``rv`` so the next page reads the
+        same state. remainingItemCount only without selectors (storage.PrepareContinueToken)."""
+        pred, elems = opts.predicate, iter(elems)
         match_all = pred.empty()
-        last_key, more, seen = "", False, 0
-        for elem in elems:
-            seen += 1
+        items: list[dict[str, Any]] = []
+        last_key, more, fetched = "", False, 0
+        for fetched, elem in enumerate(elems, 1):
             if not match_all and not pred.matches_attrs(elem.labels, elem.fields):
                 continue
             if limit and len(items) == limit:
@@ -266,11 +365,12 @@ class Cacher:
                 break
             items.append(elem.object)
             last_key = elem.key
-        token, remaining = "", None
-        if more:
-            token = encode_continue(last_key + "\x00", prefixed, rv)
-            if match_all:
-                remaining = sum(1 for _ in store.scan(prefixed, last_key + "\x00"))
+        index, self._list_index = self._list_index, ""  # set by _indexed for this list
+        self.metrics.record_list(index, fetched, len(items))
+        if not more:
+            return ListResult(items, str(rv))
+        token = encode_continue(last_key + "\x00", prefixed, rv)
+        remaining = 1 + sum(1 for _ in elems) if match_all else None  # the extra one plus the rest
         return ListResult(items, str(rv), token, remaining)
 
     def _indexed(self, prefixed: str, opts: ListOptions):
@@ -279,6 +379,7 @@ class Cacher:
             if value is not None:
                 elems = self.watch_cache.store.by_index(field, value)
                 if elems is not None:
+                    self._list_index = field  # apiserver_cache_list_total{index}
                     return (e for e in elems if e.key.startswith(prefixed))
         return self.watch_cache.store.scan(prefixed)
 

@@ -8,13 +8,13 @@ requested resource version.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import anyio
 
 from cacher.history import CacheEvent, EventHistory
 from cacher.store import CacheStore, Element
-from storage.errors import TooLargeResourceVersionError
+from storage.errors import StorageError, TooLargeResourceVersionError
 from storage.interface import EventType, Resource
 from storage.versioner import object_resource_version
 
@@ -113,6 +113,47 @@ class WatchCache:
         if rv > self.resource_version:
             self._waiters = [(w, e) for w, e in self._waiters if e is not ev]
             raise TooLargeResourceVersionError(rv, self.resource_version, retry_after_seconds=1)
+
+    def can_serve_exact(self, rv: int) -> bool:
+        """True if the state at revision ``rv`` can be rebuilt from the store and the history:
+        ``rv`` is neither ahead of the cache nor older than the history window."""
+        if rv > self.resource_version:
+            return False
+        try:
+            return rv >= self.history.oldest_servable_rv()
+        except StorageError:
+            return False
+
+    def elements_at(self, rv: int, prefix: str, start: str = "") -> Iterator[Element]:
+        """Elements under ``prefix`` (from key ``start`` on) as they were at revision ``rv``, in key
+        order, by rolling the current store back through the events after ``rv`` (KEP-4988 serves
+        the same reads from B-tree snapshots; this needs no copy per event).
+
+        The first event after ``rv`` for a key carries the key's state at ``rv`` as its previous
+        object (None: the key did not exist). Raises ExpiredError (410) if ``rv`` is older than the
+        history window; callers check ``can_serve_exact`` first.
+        """
+        overrides: dict[str, Element | None] = {}
+        for ev in self.history.events_since(rv):
+            if ev.key in overrides or not ev.key.startswith(prefix) or ev.key < start:
+                continue
+            overrides[ev.key] = (None if ev.prev_object is None else Element(
+                ev.key, ev.prev_object, ev.prev_labels or {}, ev.prev_fields or {},
+                object_resource_version(ev.prev_object)))
+        pending = sorted(k for k, e in overrides.items() if e is not None and self.store.get(k) is None)
+        i = 0
+        for elem in self.store.scan(prefix, start):
+            while i < len(pending) and pending[i] < elem.key:
+                yield overrides[pending[i]]  # type: ignore[misc]
+                i += 1
+            if elem.key in overrides:
+                old = overrides[elem.key]
+                if old is not None:
+                    yield old
+            else:
+                yield elem
+        for k in pending[i:]:
+            yield overrides[k]  # type: ignore[misc]
 
     @property
     def waiting(self) -> int:

@@ -159,7 +159,8 @@ async def test_not_ready_watch_is_429_and_reads_are_delegated_where_kubernetes_d
 
 
 async def test_slow_watcher_is_terminated_and_others_get_everything():
-    async with MemoryStorage(PODS) as st, Cacher(st, watcher_capacity=5) as c:
+    # Kubernetes behaviour (lagging watchers off): tests/test_lagging.py covers the default.
+    async with MemoryStorage(PODS) as st, Cacher(st, watcher_capacity=5, catch_up_lagging=False) as c:
         await c.wait_ready(5)
         start = str(await st.get_current_resource_version())
         slow = c.watch("/pods", ListOptions(resource_version=start, recursive=True))
@@ -296,3 +297,103 @@ async def test_one_event_object_and_one_serialization_shared_by_all_watchers():
         assert b'"type":"ADDED"' in events[0].encode()
         for w in watches:
             await w.stop()
+
+
+class _Counting:
+    """Counts the LISTs that reach the wrapped storage (to tell cache-served reads from delegated)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.resource, self.lists = inner, inner.resource, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def get_list(self, key, opts=ListOptions()):
+        self.lists += 1
+        return await self.inner.get_list(key, opts)
+
+
+async def _churn(st, n: int = 12) -> list[int]:
+    revs = []
+    for i in range(n):
+        name = f"p{i % 5}"
+        if i % 4 == 3:
+            gone = f"p{(i - 1) % 5}"  # the one written just before: it exists
+            revs.append(int((await st.delete(k(gone)))["metadata"]["resourceVersion"]))
+        else:
+            obj = await st.guaranteed_update(k(name), lambda o, m, i=i: {**pod(name, f"n{i % 3}", v=str(i))},
+                                             ignore_not_found=True)
+            revs.append(int(obj["metadata"]["resourceVersion"]))
+    return revs
+
+
+def _names_rvs(result) -> list[tuple[str, str]]:
+    return [(o["metadata"]["name"], o["metadata"]["resourceVersion"]) for o in result.items]
+
+
+async def test_exact_lists_inside_the_history_window_are_served_from_cache_and_match_storage():
+    async with MemoryStorage(PODS) as st:
+        counting = _Counting(st)
+        async with Cacher(counting) as c:
+            await c.wait_ready(5)
+            revs = await _churn(st)
+            await c.get(k("p0"), GetOptions(resource_version=str(revs[-1]), ignore_not_found=True))
+            before = counting.lists
+            for rv in revs:
+                for sel in ("", "spec.nodeName=n1"):
+                    opts = ListOptions(resource_version=str(rv), resource_version_match="Exact", recursive=True,
+                                       field_selector=sel)
+                    from_cache = await c.get_list("/pods", opts)
+                    from_storage = await st.get_list("/pods", opts)
+                    assert _names_rvs(from_cache) == _names_rvs(from_storage), (rv, sel)
+                    assert from_cache.resource_version == str(rv)
+            assert counting.lists == before  # none of them reached storage
+
+
+async def test_continue_pages_are_served_from_cache_at_the_first_page_revision():
+    async with MemoryStorage(PODS) as st:
+        counting = _Counting(st)
+        async with Cacher(counting) as c:
+            await c.wait_ready(5)
+            for i in range(9):
+                last = await st.create(k(f"p{i}"), pod(f"p{i}"))
+            rv = last["metadata"]["resourceVersion"]
+            first = await c.get_list("/pods", ListOptions(resource_version=rv, limit=4, recursive=True))
+            assert first.resource_version == rv and first.remaining_item_count == 5
+            await st.delete(k("p6"))
+            before = counting.lists
+            names, token = [o["metadata"]["name"] for o in first.items], first.continue_token
+            while token:
+                page = await c.get_list("/pods", ListOptions(limit=4, continue_token=token, recursive=True))
+                assert page.resource_version == rv
+                names += [o["metadata"]["name"] for o in page.items]
+                token = page.continue_token
+            assert names == [f"p{i}" for i in range(9)] and counting.lists == before
+
+
+async def test_exact_list_older_than_the_window_is_delegated_to_storage():
+    async with MemoryStorage(PODS) as st:
+        counting = _Counting(st)
+        old = await st.create(k("a"), pod("a"))
+        await st.create(k("a2"), pod("a2"))  # the cache will list after this: a's revision is older
+        async with Cacher(counting) as c:
+            await c.wait_ready(5)
+            await st.create(k("b"), pod("b"))
+            before = counting.lists
+            got = await c.get_list("/pods", ListOptions(resource_version=old["metadata"]["resourceVersion"],
+                                                        resource_version_match="Exact", recursive=True))
+            assert [o["metadata"]["name"] for o in got.items] == ["a"] and counting.lists == before + 1
+            await st.compact(await st.get_current_resource_version())
+            with pytest.raises(ExpiredError):
+                await c.get_list("/pods", ListOptions(resource_version=old["metadata"]["resourceVersion"],
+                                                      resource_version_match="Exact", recursive=True))
+
+
+async def test_pag2_rv0_list_ignores_limit():
+    async with MemoryStorage(PODS) as st, Cacher(st) as c:
+        await c.wait_ready(5)
+        for i in range(55):
+            last = await st.create(k(f"n{i:02d}"), pod(f"n{i:02d}"))
+        await c.get(k("n54"), GetOptions(resource_version=last["metadata"]["resourceVersion"]))
+        got = await c.get_list("/pods", ListOptions(resource_version="0", limit=1, recursive=True))
+        assert len(got.items) == 55 and got.continue_token == "" and got.remaining_item_count is None
