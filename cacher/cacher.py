@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import anyio
 
@@ -60,9 +60,10 @@ class Cacher:
     catch_up_lagging: a watcher whose buffer is full is moved aside and caught up from the history
         (ended with 410 only once the history moved past it) instead of sharing the dispatch time
         budget and being terminated as too slow (True; False = Kubernetes behaviour). See dispatcher.py.
-    consistent_reads_from_cache: serve LISTs with resource version "" from the cache after waiting
-        for it to reach storage's current revision; None (default) decides from the storage's
-        version (etcd 3.4.31+ / 3.5.13+, or the memory backend), as Kubernetes does.
+    consistent_reads_from_cache: whether the backend orders progress notifications with events (etcd
+        3.4.31+ / 3.5.13+, the memory backend); None (default) detects it from the server version,
+        as Kubernetes does. Only then are progress notifications trusted to advance the cache, progress
+        requested while reads wait, and LISTs with resource version "" served from the cache.
     """
 
     def __init__(self, storage: Storage, *, freshness_timeout: float = DEFAULT_FRESHNESS_TIMEOUT,
@@ -86,6 +87,7 @@ class Cacher:
         self._send, self._receive = anyio.create_memory_object_stream[Any](100)
         self.reflector = Reflector(storage, self.watch_cache, self._send.send, self._on_ready,
                                    self._on_reinit, page_size=page_size)
+        self.reflector.trust_progress = lambda: bool(self.consistent_reads_from_cache)
         self.progress = ProgressRequester(storage, lambda: self.watch_cache.waiting, progress_interval,
                                           enabled=lambda: bool(self.consistent_reads_from_cache))
         self.consistent_reads_from_cache = consistent_reads_from_cache
@@ -94,6 +96,10 @@ class Cacher:
         self._state_since = time.monotonic()
         self._ready_event = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
+        # Awaited between a watch's readiness check and its registration: lets tests re-initialise
+        # the cache in that gap (case RST-1). A re-initialisation there is safe because the history
+        # restarts at the new list revision, so an older requested revision gets 410, never a jump.
+        self._after_ready_check: Callable[[], Awaitable[None]] | None = None
         # Item 12 metrics hooks (cacher/metrics.py) and the item 11 consistency checker.
         self.metrics = CacherMetrics(self.resource, metrics_registry)
         self.metrics.capacity.set(self.watch_cache.history.capacity)
@@ -419,6 +425,8 @@ class Cacher:
         self._check_open()
         if self.state != READY:
             raise self._not_ready_error()
+        if self._after_ready_check is not None:  # test hook for case RST-1
+            await self._after_ready_check()
         required = opts.revision
         if opts.resource_version == "" and opts.send_initial_events is not None:
             required = await self.storage.get_current_resource_version()

@@ -4,6 +4,14 @@ Mirrors k8s.io/apiserver pkg/storage/cacher/watch_cache_history.go: capacity sta
 and doubles while the oldest event is younger than ``fresh_duration`` (75 s), halves when even the
 event a quarter of the way in is older, between ``lower`` (100) and ``upper`` (102,400); when full the
 oldest event is evicted. A watch from a resource version older than the window gets 410 Expired.
+("A quarter of the way in" is counted from the newest end: the event at ``end - capacity/4``.) Event
+ages come from each event's ``record_time`` (stamped by the WatchCache's clock, injectable in tests).
+
+Memory (case MEM-1): events are immutable and shared. A watch from an old resource version gets
+``events_since`` = a list of references to the history's events (O(events in the interval) pointers,
+no object copies); each watcher then buffers the WatchEvent that ``CacheEvent.watch_event`` built once
+for all watchers. ``index_after`` / ``event_at`` give a free cursor (an absolute index) that the
+dispatcher's lagging path uses to refill a watcher a buffer at a time, without any interval copy.
 """
 
 from __future__ import annotations
@@ -72,6 +80,8 @@ class EventHistory:
         self.list_rv = 0
         self.evicted_since_relist = False
         self.resizes = {"increase": 0, "decrease": 0}
+        #: Called with (old, new) capacity on every resize (the Cacher feeds its metrics from it).
+        self.on_resize: Callable[[int, int], None] | None = None
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -115,6 +125,8 @@ class EventHistory:
             self.resizes["decrease"] += 1
 
     def _set_capacity(self, capacity: int) -> None:
+        if self.on_resize is not None:
+            self.on_resize(self.capacity, capacity)
         events = [self._at(i) for i in range(max(self.start, self.end - capacity), self.end)]
         self.capacity = capacity
         self._ring = [None] * capacity
@@ -132,16 +144,42 @@ class EventHistory:
             return self.list_rv
         raise InternalError("watch cache isn't correctly initialized")
 
-    def events_since(self, rv: int) -> list[CacheEvent]:
-        """Events with resource version > ``rv``, oldest first.
+    def can_serve(self, rv: int) -> bool:
+        """True while the window still holds every event after ``rv`` (a watch from ``rv`` would
+        not get 410)."""
+        try:
+            return rv >= self.oldest_servable_rv()
+        except InternalError:
+            return False
 
-        Raises ExpiredError (410) when ``rv`` is older than the window ("too old resource version").
-        """
+    def index_after(self, rv: int) -> int:
+        """Absolute index of the first event with resource version > ``rv`` (``end`` if none): a
+        cursor that costs nothing to keep. Raises ExpiredError (410) when ``rv`` is older than the
+        window ("too old resource version")."""
         oldest = self.oldest_servable_rv()
         if rv < oldest:
             raise ExpiredError(f"too old resource version: {rv} ({oldest})")
-        first = bisect.bisect_right(_Revisions(self), rv)
-        return [self._at(i) for i in range(self.start + first, self.end)]
+        return self.start + bisect.bisect_right(_Revisions(self), rv)
+
+    def event_at(self, index: int) -> CacheEvent | None:
+        """The event at absolute ``index``, or None once it was evicted or not yet appended."""
+        if self.start <= index < self.end:
+            return self._at(index)
+        return None
+
+    @property
+    def newest_rv(self) -> int:
+        """Resource version of the newest event (the list revision when there is none)."""
+        return self._at(self.end - 1).resource_version if len(self) else self.list_rv
+
+    def events_since(self, rv: int) -> list[CacheEvent]:
+        """Events with resource version > ``rv``, oldest first: references to the shared events
+        (O(events in the interval) pointers, never copies of objects).
+
+        Raises ExpiredError (410) when ``rv`` is older than the window ("too old resource version").
+        """
+        first = self.index_after(rv)
+        return [self._at(i) for i in range(first, self.end)]
 
 
 class _Revisions:

@@ -50,6 +50,8 @@ class Reflector:
         self.prefix = storage.resource.prefix
         self.lists = 0
         self.watches_opened = 0
+        self.trust_progress: Callable[[], bool] = lambda: True
+        self._scope: anyio.CancelScope | None = None  # around the current list_and_watch
 
     async def run(self) -> None:
         """List and watch forever; each failure re-initialises after a backoff (0.8 s doubling to 30 s)."""
@@ -57,14 +59,23 @@ class Reflector:
         while True:
             started = time.monotonic()
             try:
-                await self.list_and_watch()
+                with anyio.CancelScope() as self._scope:
+                    await self.list_and_watch()
             except StorageError as exc:
                 log.warning("cacher %s: list/watch failed, re-initialising: %s", self.prefix, exc)
                 self.on_reinit(exc)
+            if self._scope.cancelled_caught:
+                continue  # relist() asked for a fresh list now: no backoff
             if time.monotonic() - started > 120:
                 delay = self.backoff[0]  # a long healthy run resets the backoff, as client-go does
             await anyio.sleep(delay)
             delay = min(delay * 2, self.backoff[1])
+
+    def relist(self) -> None:
+        """Abandon the current list/watch so ``run`` lists again at once (the caller has already
+        re-initialised the cache, e.g. Cacher.reinitialize). No-op between attempts."""
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def list_and_watch(self) -> None:
         """One list followed by watches until the cache must be rebuilt (then raises)."""
@@ -122,7 +133,9 @@ class Reflector:
                 raise error_from_status(ev.object)
             if ev.type is EventType.BOOKMARK:
                 rv = ev.resource_version
-                if self.cache.update_resource_version(rv):
+                # Only a backend that orders progress notifications with events may move the cache
+                # forward without an event (etcd #15220, case CON-3); others could run ahead of it.
+                if self.trust_progress() and self.cache.update_resource_version(rv):
                     progress = rv
                 continue
             applied = self.cache.apply(ev.type, ev.object)

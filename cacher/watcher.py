@@ -24,6 +24,7 @@ class TerminationReason(str, enum.Enum):
     TOO_SLOW = "too slow"  # its buffer stayed full past the dispatch budget
     REINITIALIZED = "cache re-initialized"  # the upstream failed and the cache relisted
     CACHE_STOPPED = "cacher stopped"  # the Cacher was closed
+    EXPIRED = "too old resource version"  # lagging, and the history moved past its next event (410)
 
 
 class CacheWatcher(BufferedWatch):
@@ -36,7 +37,7 @@ class CacheWatcher(BufferedWatch):
 
     def __init__(self, key: str, opts: ListOptions, capacity: int, *, trigger_value: str | None,
                  scope: tuple[str, str], on_start: Callable[[], Any], on_stop: Callable[[], Any]) -> None:
-        super().__init__(capacity, on_start=on_start, on_stop=on_stop)
+        super().__init__(capacity, on_start=on_start, on_stop=on_stop, timeout_seconds=opts.timeout_seconds)
         self.key = key
         self.recursive = opts.recursive
         self.opts = opts
@@ -48,6 +49,19 @@ class CacheWatcher(BufferedWatch):
         self.bookmark_after_rv = 0
         self.next_bookmark_time = float("inf")
         self.termination = TerminationReason.NONE
+        # Lagging path (dispatcher.py): True while the watcher is off the fast path and fed from
+        # the history; ``catch_up`` (set by the dispatcher) refills it when the consumer drains.
+        self.lagging = False
+        self.catch_up: Callable[["CacheWatcher"], None] | None = None
+
+    def next_bookmark_after(self, now: float, frequency: float) -> float:
+        """When this watcher's next periodic bookmark is due: ``frequency`` seconds from ``now``, but
+        2 s before its deadline so a client can resume from it (cache_watcher.go nextBookmarkTime);
+        infinity once that moment has passed."""
+        due = now + frequency
+        if self.deadline is not None:
+            due = min(due, self.deadline - 2.0)
+        return due if due > now else float("inf")
 
     def _key_matches(self, key: str) -> bool:
         return key.startswith(self.key) if self.recursive else key == self.key
@@ -91,6 +105,25 @@ class CacheWatcher(BufferedWatch):
             self.sent_rv = event.resource_version
             return True
         return False
+
+    async def next_batch(self) -> list[WatchEvent]:
+        """As BufferedWatch.next_batch; a lagging watcher is refilled from the history first when
+        its buffer is empty, and again right after the consumer drained it (so catching up runs at
+        the consumer's pace, without waiting for the dispatcher's resync tick)."""
+        if self.lagging and not self._buf and self.catch_up is not None:
+            self.catch_up(self)
+        batch = await super().next_batch()
+        if self.lagging and self.catch_up is not None:
+            self.catch_up(self)
+        return batch
+
+    def expire(self, error: Exception) -> None:
+        """End a lagging stream whose next event has left the history: the events already buffered
+        (contiguous, nothing skipped), then ONE ERROR event (410 Expired), then the end."""
+        if self.termination is TerminationReason.NONE:
+            self.termination = TerminationReason.EXPIRED
+        self.lagging = False
+        self.finish(error)  # type: ignore[arg-type]
 
     def terminate(self, reason: TerminationReason) -> None:
         """End the stream from the cache side without an ERROR event (as Kubernetes closes it); the

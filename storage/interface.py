@@ -98,6 +98,8 @@ class ListOptions:
     recursive: the key is a prefix (``/pods/ns`` lists ``/pods/ns/*``, never ``/pods/nsx``).
     allow_watch_bookmarks, send_initial_events (None = legacy), progress_notify (storage-level: surface
         progress notifications as BOOKMARK events): watch options.
+    timeout_seconds: a watch ends normally after this many seconds (metav1.ListOptions
+        timeoutSeconds; the cache sends a bookmark about 2 s before); None = no deadline.
     """
 
     resource_version: str = ""
@@ -110,6 +112,7 @@ class ListOptions:
     allow_watch_bookmarks: bool = False
     send_initial_events: bool | None = None
     progress_notify: bool = False
+    timeout_seconds: float | None = None
     predicate: SelectionPredicate = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +120,9 @@ class ListOptions:
                   else self.label_selector)
         fields = (parse_field_selector(self.field_selector) if isinstance(self.field_selector, str)
                   else self.field_selector)
+        if self.timeout_seconds is not None and not (isinstance(self.timeout_seconds, (int, float))
+                                                     and self.timeout_seconds > 0):
+            raise BadRequestError(f"timeoutSeconds must be a positive number, got {self.timeout_seconds!r}")
         if not isinstance(self.limit, int) or self.limit < 0:
             raise BadRequestError(f"limit must be a non-negative integer, got {self.limit!r}")
         try:

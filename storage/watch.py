@@ -11,6 +11,7 @@ per event it would cost one per event (see reference python-etcd-and-peers.md 5.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any, Awaitable, Callable, Iterable
 
@@ -24,6 +25,7 @@ class BufferedWatch:
     """A watch stream backed by a bounded deque.
 
     capacity: events the buffer holds before ``offer`` fails / ``put`` waits (>= 1).
+    timeout_seconds: the watch ends normally this long after ``start()`` (None = never).
     on_start: awaited by ``start()`` (e.g. to open the upstream stream); its typed errors propagate.
     on_stop: called once when the watch stops, from whichever side stops it (frees resources).
 
@@ -33,7 +35,7 @@ class BufferedWatch:
     """
 
     def __init__(self, capacity: int = 100, *, on_start: Callable[[], Awaitable[None]] | None = None,
-                 on_stop: Callable[[], Any] | None = None) -> None:
+                 on_stop: Callable[[], Any] | None = None, timeout_seconds: float | None = None) -> None:
         self.capacity = max(1, capacity)
         self._buf: deque[WatchEvent] = deque()
         self._readable: anyio.Event | None = None
@@ -44,10 +46,14 @@ class BufferedWatch:
         self._on_stop = on_stop
         self._pending: deque[WatchEvent] = deque()
         self.error: StorageError | None = None
+        self.timeout_seconds = timeout_seconds
+        self.deadline: float | None = None  # time.monotonic() at which the watch ends normally
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> "BufferedWatch":
         """Start the producer; raises what ``on_start`` raises (the watch is stopped then)."""
+        if self.timeout_seconds:
+            self.deadline = time.monotonic() + self.timeout_seconds
         if self._on_start is not None:
             try:
                 await self._on_start()
@@ -152,7 +158,13 @@ class BufferedWatch:
                     self._stop_now()
                 return []
             self._readable = self._readable or anyio.Event()
-            await self._readable.wait()
+            if self.deadline is None:
+                await self._readable.wait()
+                continue
+            with anyio.move_on_after(self.deadline - time.monotonic()):
+                await self._readable.wait()
+            if not self._buf and time.monotonic() >= self.deadline:
+                self.finish()  # the watch's timeout: a normal end, as timeoutSeconds is in Kubernetes
         batch = list(self._buf)
         self._buf.clear()
         self._wake_writer()

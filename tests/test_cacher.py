@@ -397,3 +397,27 @@ async def test_pag2_rv0_list_ignores_limit():
         await c.get(k("n54"), GetOptions(resource_version=last["metadata"]["resourceVersion"]))
         got = await c.get_list("/pods", ListOptions(resource_version="0", limit=1, recursive=True))
         assert len(got.items) == 55 and got.continue_token == "" and got.remaining_item_count is None
+
+
+async def test_watch_timeout_ends_normally_after_a_bookmark_two_seconds_before():
+    async with MemoryStorage(PODS) as st, Cacher(st) as c:
+        await c.wait_ready(5)
+        start = str(await st.get_current_resource_version())
+        async with c.watch("/pods", ListOptions(resource_version=start, recursive=True, allow_watch_bookmarks=True,
+                                                timeout_seconds=3.5)) as w:
+            await st.create(k("a"), pod("a"))
+            events = []
+            with anyio.fail_after(15):
+                while batch := await w.next_batch():
+                    events.extend(batch)
+        assert [e.type for e in events] == [EventType.ADDED, EventType.BOOKMARK]
+        assert w.error is None and w.termination is TerminationReason.NONE  # a normal end
+
+
+async def test_storage_watch_timeout_ends_the_stream():
+    async with MemoryStorage(PODS) as st:
+        async with st.watch("/pods", ListOptions(resource_version="0", recursive=True, timeout_seconds=0.3)) as w:
+            with anyio.fail_after(5):
+                assert await w.next_batch() == []
+        with pytest.raises(BadRequestError):
+            ListOptions(timeout_seconds=-1)

@@ -95,7 +95,8 @@ class Etcd3Watch(BufferedWatch):
 
     def __init__(self, target: WatchTarget, key: bytes, range_end: bytes, opts: ListOptions,
                  capacity: int = WATCH_CAPACITY) -> None:
-        super().__init__(capacity, on_start=self._open, on_stop=self._request_stop)
+        super().__init__(capacity, on_start=self._open, on_stop=self._request_stop,
+                         timeout_seconds=opts.timeout_seconds)
         self._target = target
         self._key = key
         self._range_end = range_end

@@ -4,7 +4,8 @@ One global revision counter shared by every resource stored in it; each key keep
 (mod revision, create revision, value or tombstone) so reads at a past revision work until compaction;
 an event log feeds watches from any revision after the compacted one; leases give keys a TTL.
 It is the embedded default backend and the test double for fault injection (``stall_watches``,
-``resume_watches``, ``break_watches``, ``drop_progress``), modelled on etcd's mvcc package.
+``stall_current_watches``, ``resume_watches``, ``break_watches``, ``drop_progress``, ``inject_progress``,
+``strip_prev_kv``, ``cancel_watch_creates``), modelled on etcd's mvcc package.
 
 All methods are synchronous and never await, so each is atomic under cooperative scheduling: the
 store is safe for any number of tasks on one event loop (it is not meant to be shared across threads).
@@ -20,7 +21,7 @@ from typing import Callable, Iterator
 
 from sortedcontainers import SortedDict
 
-from storage.errors import ExpiredError, TooLargeResourceVersionError
+from storage.errors import ExpiredError, InternalError, TooLargeResourceVersionError
 
 
 @dataclass(slots=True)
@@ -92,6 +93,11 @@ class MemoryKV:
         self._sinks: set[WatchSink] = set()
         self.watch_stalled = False
         self.drop_progress = False
+        # Fault hooks (tests): see the "fault hooks" section.
+        self._stalled_sinks: set[WatchSink] = set()
+        self.strip_prev_kv: set[str] = set()
+        self.cancel_watch_creates = 0
+        self.cancel_reason = "etcdserver: invalid auth token"
 
     # ---- reads -----------------------------------------------------------------------------------
     def check_revision(self, rev: int) -> None:
@@ -260,6 +266,12 @@ class MemoryKV:
         """Register a watch. Raises ExpiredError if its next revision is already compacted."""
         if sink.next_revision < self.compacted:
             raise ExpiredError("The resourceVersion for the provided watch is too old.")
+        if self.cancel_watch_creates > 0:
+            # Fault: etcd answers the create with created=true AND canceled=true (e.g. an expired auth
+            # token); an adapter must treat that as an error, never as a healthy silent stream.
+            self.cancel_watch_creates -= 1
+            sink.fail(InternalError(f"etcd canceled the watch: {self.cancel_reason}"))
+            return
         self._sinks.add(sink)
         sink.synced = False
         self.sync_sink(sink)
@@ -267,6 +279,7 @@ class MemoryKV:
     def remove_sink(self, sink: WatchSink) -> None:
         """Unregister a watch (idempotent)."""
         self._sinks.discard(sink)
+        self._stalled_sinks.discard(sink)
 
     def changes_since(self, sink: WatchSink, max_changes: int) -> list[Change]:
         """Up to ``max_changes`` log entries in the sink's range from its next revision on.
@@ -286,7 +299,7 @@ class MemoryKV:
 
     def sync_sink(self, sink: WatchSink, batch: int = 1000) -> None:
         """Push pending history into an unsynced sink until it is caught up or its buffer is full."""
-        if self.watch_stalled or sink not in self._sinks:
+        if self.watch_stalled or sink not in self._sinks or sink in self._stalled_sinks:
             return
         while not sink.synced:
             try:
@@ -298,7 +311,7 @@ class MemoryKV:
             if not changes:
                 sink.next_revision = self.revision + 1
                 sink.synced = True
-            elif not sink.deliver(changes):
+            elif not sink.deliver(self._apply_faults(changes)):
                 return
 
     def _push(self, changes: list[Change]) -> None:
@@ -308,7 +321,7 @@ class MemoryKV:
             if not sink.synced:
                 continue
             mine = [c for c in changes if _in_range(c.kv.key, sink.key_lo, sink.key_hi)]
-            if mine and not sink.deliver(mine):
+            if mine and not sink.deliver(self._apply_faults(mine)):
                 sink.synced = False
             else:
                 sink.next_revision = self.revision + 1
@@ -318,7 +331,7 @@ class MemoryKV:
         if self.watch_stalled or self.drop_progress:
             return
         for sink in list(self._sinks):
-            if sink.synced:
+            if sink.synced and sink not in self._stalled_sinks:
                 sink.progress(self.revision)
 
     # ---- fault hooks -----------------------------------------------------------------------------
@@ -331,8 +344,36 @@ class MemoryKV:
     def resume_watches(self) -> None:
         """End a stall: every watch catches up from the log."""
         self.watch_stalled = False
+        self._stalled_sinks.clear()
         for sink in list(self._sinks):
             self.sync_sink(sink)
+
+    def stall_current_watches(self) -> None:
+        """Fault: the watch streams open *now* stay open but deliver nothing (no events, no progress),
+        while storage stays healthy and watches opened later work normally (a client attached to a
+        member that cannot serve, kubernetes#97294). ``resume_watches`` ends it."""
+        for sink in self._sinks:
+            self._stalled_sinks.add(sink)
+            sink.synced = False
+
+    def inject_progress(self, revision: int) -> None:
+        """Fault: send a progress notification with ``revision`` to every open watch now, ignoring
+        whether it has been sent the events up to there (etcd#15220: progress ahead of or behind the
+        event stream). Reaches stalled watches too."""
+        for sink in list(self._sinks):
+            sink.progress(revision)
+
+    def _apply_faults(self, changes: list[Change]) -> list[Change]:
+        if not self.strip_prev_kv:
+            return changes
+        out = []
+        for c in changes:
+            if c.kv.value is None and c.kv.key in self.strip_prev_kv:
+                # Fault (one-shot per key): a DELETE delivered without its previous value (no prev_kv).
+                self.strip_prev_kv.discard(c.kv.key)
+                c = Change(c.revision, c.kv, None)
+            out.append(c)
+        return out
 
     def break_watches(self, error: Exception) -> None:
         """Fault: end every open watch stream with ``error`` (a dropped connection or server cancel)."""

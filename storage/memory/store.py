@@ -324,7 +324,8 @@ class _MemoryWatch(BufferedWatch, WatchSink):
     """One watch on a MemoryStorage: a BufferedWatch that the MemoryKV pushes changes into."""
 
     def __init__(self, storage: MemoryStorage, key: str, opts: ListOptions) -> None:
-        BufferedWatch.__init__(self, storage.watch_capacity, on_start=self._open, on_stop=self._close)
+        BufferedWatch.__init__(self, storage.watch_capacity, on_start=self._open, on_stop=self._close,
+                               timeout_seconds=opts.timeout_seconds)
         self._storage = storage
         self._opts = opts
         self.key_lo, self.key_hi = (key, prefix_end(key)) if opts.recursive else (key, None)
@@ -374,6 +375,13 @@ class _MemoryWatch(BufferedWatch, WatchSink):
     # ---- WatchSink -------------------------------------------------------------------------------
     def deliver(self, changes: list[Change]) -> bool:
         for change in changes:
+            if change.kv.value is None and change.prev is None:
+                # Like the etcd3 watcher: a DELETE without its previous value cannot be turned into a
+                # DELETED event (the object is unknown), so the stream fails instead of dropping it.
+                self.fail(InternalError(
+                    f"etcd event received with PrevKv=nil (key={change.kv.key!r}, "
+                    f"modRevision={change.revision}, type=DELETE)"))
+                return False  # the sink is gone: the store stops pushing to it
             event = self._convert(change)
             if event is not None and not self.offer(event):
                 return False  # full: the store stops pushing; next_batch catches up from here

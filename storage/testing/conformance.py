@@ -532,6 +532,17 @@ class StorageConformance:
         assert [e.type for e in events] == [EventType.ADDED, EventType.BOOKMARK]
         assert events[1].object["metadata"]["annotations"][INITIAL_EVENTS_END_ANNOTATION] == "true"
 
+    async def test_watch_timeout_seconds_ends_the_stream_normally(self, env):
+        s, _, res, _ = env
+        await s.create(key(res, "a"), pod(res, "a"))
+        async with s.watch(res.prefix, ListOptions(resource_version="0", recursive=True,
+                                                   timeout_seconds=0.5)) as w:
+            with anyio.fail_after(10):
+                events = []
+                while batch := await w.next_batch():
+                    events.extend(batch)
+        assert [e.type for e in events] == [EventType.ADDED]  # no ERROR: a timeout is a normal end
+
     async def test_watch_stop_is_idempotent(self, env):
         s, _, res, _ = env
         w = s.watch(res.prefix, ListOptions(resource_version="0", recursive=True))
