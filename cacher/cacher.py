@@ -57,6 +57,8 @@ class Cacher:
     bookmark_frequency: seconds between bookmarks per watcher (60).
     page_size: reflector list page (10,000).
     progress_interval: seconds between progress requests while reads wait for freshness (0.1).
+    stall_check_interval: seconds between checks for an upstream watch that is open but silent
+        while storage moves on (3; None disables); such a watch is re-opened (case CON-1).
     catch_up_lagging: a watcher whose buffer is full is moved aside and caught up from the history
         (ended with 410 only once the history moved past it) instead of sharing the dispatch time
         budget and being terminated as too slow (True; False = Kubernetes behaviour). See dispatcher.py.
@@ -71,6 +73,7 @@ class Cacher:
                  watcher_capacity: int | None = None, bookmark_frequency: float = 60.0,
                  page_size: int = LIST_PAGE_SIZE, progress_interval: float = 0.1,
                  dispatch_budget: TimeBudget | None = None, catch_up_lagging: bool = True,
+                 stall_check_interval: float | None = 3.0,
                  consistent_reads_from_cache: bool | None = None,
                  metrics_registry: Any = None, consistency_checks: bool = True,
                  consistency_check_interval: float = CONSISTENCY_CHECK_INTERVAL) -> None:
@@ -88,6 +91,9 @@ class Cacher:
         self.reflector = Reflector(storage, self.watch_cache, self._send.send, self._on_ready,
                                    self._on_reinit, page_size=page_size)
         self.reflector.trust_progress = lambda: bool(self.consistent_reads_from_cache)
+        self.reflector.on_unhealthy = self._on_unhealthy
+        self.reflector.on_healthy = self._on_healthy
+        self.stall_check_interval = stall_check_interval
         self.progress = ProgressRequester(storage, lambda: self.watch_cache.waiting, progress_interval,
                                           enabled=lambda: bool(self.consistent_reads_from_cache))
         self.consistent_reads_from_cache = consistent_reads_from_cache
@@ -121,6 +127,8 @@ class Cacher:
         self._tg.start_soon(self.reflector.run)
         self._tg.start_soon(self.dispatcher.run, self._receive)
         self._tg.start_soon(self.progress.run)
+        if self.stall_check_interval:
+            self._tg.start_soon(self._stall_watchdog)
         if self.consistency_checks:
             self._tg.start_soon(self.consistency_checker.run)
         return self
@@ -173,6 +181,40 @@ class Cacher:
         self._set_state(PENDING)
         self._ready_event = anyio.Event()
         self.dispatcher.terminate_all(TerminationReason.REINITIALIZED)
+
+    def _on_unhealthy(self, error: BaseException) -> None:
+        # The upstream watch keeps failing to (re)open: stop claiming freshness (watches get 429,
+        # reads are delegated) but keep the cache and its watchers, who resume once it holds again.
+        if self.state == READY:
+            _log.warning("cacher %s: upstream watch failing, not ready until it holds: %s",
+                        self.resource.prefix, error)
+            self._set_state(PENDING)
+            self._ready_event = anyio.Event()
+
+    def _on_healthy(self) -> None:
+        if self.state == PENDING:
+            self._set_state(READY)
+            self._ready_event.set()
+
+    async def _stall_watchdog(self) -> None:
+        """Case CON-1: a stream that stays open but delivers nothing. Every ``stall_check_interval``
+        seconds, if storage's revision is ahead of the cache and progress requests cannot bring the
+        cache there within the freshness timeout, re-open the upstream watch from the last applied
+        revision. Only where progress notifications are trusted: elsewhere a quiet resource would
+        look stalled."""
+        while True:
+            await anyio.sleep(self.stall_check_interval)
+            if self.state != READY or not self.consistent_reads_from_cache:
+                continue
+            try:
+                current = await self.storage.get_current_resource_version()
+                await self.watch_cache.wait_until_fresh(current, self.freshness_timeout)
+            except TooLargeResourceVersionError:
+                _log.warning("cacher %s: upstream watch stalled at %d (storage at %d): re-watching",
+                            self.resource.prefix, self.watch_cache.resource_version, current)
+                self.reflector.restart_watch()
+            except StorageError:
+                continue
 
     def reinitialize(self, reason: str) -> None:
         """Throw the cache away and list again (used by the consistency checker on a mismatch).

@@ -18,10 +18,15 @@ import anyio
 
 from cacher.history import CacheEvent
 from cacher.watch_cache import WatchCache
-from storage.errors import StorageError, error_from_status, is_expired
-from storage.interface import EventType, ListOptions, Storage
+from storage.errors import InternalError, StorageError, error_from_status, is_expired
+from storage.interface import INITIAL_EVENTS_END_ANNOTATION, EventType, ListOptions, Storage
 
 log = logging.getLogger(__name__)
+
+
+def _is_initial_events_end(ev) -> bool:
+    annotations = (ev.object.get("metadata") or {}).get("annotations") or {}
+    return annotations.get(INITIAL_EVENTS_END_ANNOTATION) == "true"
 
 #: Reflector page size for the cache's relists (cacher.go WatchListPageSize).
 LIST_PAGE_SIZE = 10000
@@ -51,6 +56,14 @@ class Reflector:
         self.lists = 0
         self.watches_opened = 0
         self.trust_progress: Callable[[], bool] = lambda: True
+        self.on_unhealthy: Callable[[BaseException], None] = lambda exc: None
+        self.on_healthy: Callable[[], None] = lambda: None
+        self.use_watch_list = False  # switched on when a LIST cannot keep up with compaction
+        self._watch_scope: anyio.CancelScope | None = None
+        self._restart_pending = False
+        self.watch_restarts = 0
+        self._watch_applied = 0
+        self._first_watch_expired = False
         self._scope: anyio.CancelScope | None = None  # around the current list_and_watch
 
     async def run(self) -> None:
@@ -78,27 +91,106 @@ class Reflector:
             self._scope.cancel()
 
     async def list_and_watch(self) -> None:
-        """One list followed by watches until the cache must be rebuilt (then raises)."""
-        items, rv = await self._list()
+        """Initialise the cache, then watch until it must be rebuilt (then raises).
+
+        Initialisation is a paged LIST and a watch from its revision; if that revision is compacted
+        before the watch opens (a LIST slower than the backend's history, case MEM-2) or the LIST
+        itself runs into compaction, later attempts use one watch-list stream instead (storage
+        watch with send_initial_events), which has no gap between state and events to fall into.
+        """
+        if self.use_watch_list:
+            await self._watch_list_sync()
+            return
+        try:
+            items, rv = await self._list()
+        except StorageError as exc:
+            if is_expired(exc):
+                self.use_watch_list = True
+            raise
         self.cache.replace(items, rv)
         self.lists += 1
         self.on_ready()
         await self.send(rv)
+        try:
+            await self._watch_loop(first=True)
+        except StorageError as exc:
+            if is_expired(exc) and self._first_watch_expired:
+                self.use_watch_list = True
+            raise
+
+    async def _watch_loop(self, first: bool = False) -> None:
+        """Watch from the cache's revision, re-watching after clean ends and transient errors.
+
+        Non-410 errors are retried from the last revision with backoff (0.1 s doubling to 2 s) for up
+        to 30 s, as the Cacher's reflector does; after the second failure in a row the cache reports
+        itself not ready (``on_unhealthy``) until a watch holds again (case RST-5).
+        """
         failing_since: float | None = None
+        failures, delay = 0, 0.1
+        self._first_watch_expired = False
         while True:
             try:
                 await self._watch(self.cache.resource_version)
-                failing_since = None
+                failing_since, failures, delay = None, 0, 0.1
             except StorageError as exc:
                 if is_expired(exc):
+                    self._first_watch_expired = first and self._watch_applied == 0
                     raise
                 now = time.monotonic()
                 failing_since = failing_since or now
+                failures += 1
+                if failures >= 2:
+                    self.on_unhealthy(exc)
                 if now - failing_since > MAX_INTERNAL_ERROR_RETRY:
                     raise
                 log.info("cacher %s: watch error, re-watching from %d: %s",
                          self.prefix, self.cache.resource_version, exc)
-                await anyio.sleep(0.1)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            first = False
+
+    def restart_watch(self) -> None:
+        """Drop the current upstream watch and re-open it from the last applied revision (used when
+        the stream looks stalled, case CON-1)."""
+        self.watch_restarts += 1
+        if self._watch_scope is not None and not self._watch_scope.cancel_called:
+            self._watch_scope.cancel()
+        else:
+            self._restart_pending = True
+
+    async def _watch_list_sync(self) -> None:
+        """Initialise from one storage watch-list stream: ADDED events, the end bookmark, then the
+        same stream's live events (client-go reflector's watch-list mode, KEP-3157)."""
+        opts = ListOptions(recursive=True, send_initial_events=True, resource_version_match="NotOlderThan",
+                           allow_watch_bookmarks=True, progress_notify=True)
+        self.watches_opened += 1
+        items: list[dict[str, Any]] = []
+        async with self.storage.watch(self.prefix, opts) as watch:
+            while True:
+                batch = await watch.next_batch()
+                if not batch:
+                    raise InternalError("watch-list stream ended before its initial events did")
+                for i, ev in enumerate(batch):
+                    if ev.type is EventType.ERROR:
+                        raise error_from_status(ev.object)
+                    if ev.type is EventType.ADDED:
+                        items.append(ev.object)
+                    elif ev.type is EventType.BOOKMARK and _is_initial_events_end(ev):
+                        self.cache.replace(items, ev.resource_version)
+                        self.lists += 1
+                        self.on_ready()
+                        await self.send(ev.resource_version)
+                        await self._apply(batch[i + 1:])
+                        await self._follow(watch)
+                        await self._watch_loop()
+                        return
+
+    async def _follow(self, watch) -> None:
+        while True:
+            batch = await self._next(watch)
+            if not batch:
+                return
+            await self._apply(batch)
 
     async def _list(self) -> tuple[list[dict[str, Any]], int]:
         items: list[dict[str, Any]] = []
@@ -116,12 +208,29 @@ class Reflector:
         opts = ListOptions(resource_version=str(from_rv), recursive=True, progress_notify=True,
                            allow_watch_bookmarks=True)
         self.watches_opened += 1
+        self._watch_applied = 0
         async with self.storage.watch(self.prefix, opts) as watch:
-            while True:
-                batch = await watch.next_batch()
-                if not batch:
+            first: list | None | bool = False
+            # A watch that opens and stays quiet for a second is healthy (there may be no events).
+            with anyio.move_on_after(1.0):
+                first = await self._next(watch)
+            if first is not False:
+                if not first:
                     return
-                await self._apply(batch)
+                await self._apply(first)
+            self.on_healthy()
+            await self._follow(watch)
+
+    async def _next(self, watch) -> list | None:
+        """The next batch; None when ``restart_watch`` asked to drop this stream. Only the wait is
+        cancellable: a batch is always applied to the cache and handed to the dispatcher whole."""
+        if self._restart_pending:
+            self._restart_pending = False
+            return None
+        with anyio.CancelScope() as self._watch_scope:
+            return await watch.next_batch()
+        self._watch_scope = None
+        return None
 
     async def _apply(self, batch: list) -> None:
         events: list[CacheEvent] = []
@@ -141,6 +250,7 @@ class Reflector:
             applied = self.cache.apply(ev.type, ev.object)
             if applied is not None:
                 events.append(applied)
+                self._watch_applied += 1
         if events:
             await self.send(events)
         if progress and progress >= self.cache.resource_version:
