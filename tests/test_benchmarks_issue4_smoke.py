@@ -88,11 +88,6 @@ def test_memory_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_lists_smoke_etcd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    try:
-        from storage.testing.etcd_server import find_etcd_binary
-        find_etcd_binary()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
     code = lists.main(["--pods", "200", "--repeats", "2", "--quiet", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert code == 0, printed
