@@ -179,8 +179,14 @@ class Cacher:
         else:
             self._init_started = time.monotonic()
         self._set_state(PENDING)
-        self._ready_event = anyio.Event()
+        self._renew_ready_event()
         self.dispatcher.terminate_all(TerminationReason.REINITIALIZED)
+
+    def _renew_ready_event(self) -> None:
+        # Only a set event is replaced: callers already waiting on an unset one must be woken by
+        # the next transition to ready, not left on an event nobody will set.
+        if self._ready_event.is_set():
+            self._ready_event = anyio.Event()
 
     def _on_unhealthy(self, error: BaseException) -> None:
         # The upstream watch keeps failing to (re)open: stop claiming freshness (watches get 429,
@@ -189,7 +195,7 @@ class Cacher:
             _log.warning("cacher %s: upstream watch failing, not ready until it holds: %s",
                         self.resource.prefix, error)
             self._set_state(PENDING)
-            self._ready_event = anyio.Event()
+            self._renew_ready_event()
 
     def _on_healthy(self) -> None:
         if self.state == PENDING:

@@ -7,6 +7,7 @@ requested resource version.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Callable, Iterator
 
@@ -17,6 +18,8 @@ from cacher.store import CacheStore, Element
 from storage.errors import StorageError, TooLargeResourceVersionError
 from storage.interface import EventType, Resource
 from storage.versioner import object_resource_version
+
+_log = logging.getLogger(__name__)
 
 #: kube-apiserver's blockTimeout: how long a read waits for the cache to become fresh enough.
 DEFAULT_FRESHNESS_TIMEOUT = 3.0
@@ -41,7 +44,12 @@ class WatchCache:
     # ---- writer side (the reflector) -------------------------------------------------------------
     def replace(self, objects: list[dict[str, Any]], list_rv: int) -> None:
         """Replace the content with a fresh list taken at ``list_rv`` and reset the history."""
-        elems = [self._element(obj) for obj in objects]
+        elems = []
+        for obj in objects:
+            try:
+                elems.append(self._element(obj))
+            except StorageError as exc:  # see apply(): unusable objects are skipped, not fatal
+                _log.warning("watch cache %s: skipping listed object: %s", self.resource.prefix, exc)
         self.store.replace(elems)
         self.history.reset(list_rv)
         self._advance(list_rv, force=True)
@@ -55,7 +63,13 @@ class WatchCache:
         rv = object_resource_version(obj)
         if rv <= self.resource_version:
             return None
-        key = self.resource.key_for(obj)
+        try:
+            key = self.resource.key_for(obj)
+        except StorageError as exc:
+            # Written around this library (straight into etcd) without a usable name: it cannot be
+            # filed by key, and failing the whole upstream watch over it would take the cache down.
+            _log.warning("watch cache %s: skipping object at revision %d: %s", self.resource.prefix, rv, exc)
+            return None
         labels, fields = self.resource.attrs(obj)
         prev = self.store.get(key)
         if kind is EventType.DELETED:

@@ -120,10 +120,14 @@ class ListOptions:
                   else self.label_selector)
         fields = (parse_field_selector(self.field_selector) if isinstance(self.field_selector, str)
                   else self.field_selector)
+        if not isinstance(labels, LabelSelector) or not isinstance(fields, FieldSelector):
+            raise BadRequestError("label_selector and field_selector must be strings or parsed selectors")
+        if not isinstance(self.continue_token, str):
+            raise BadRequestError("continue token must be a string")
         if self.timeout_seconds is not None and not (isinstance(self.timeout_seconds, (int, float))
                                                      and self.timeout_seconds > 0):
             raise BadRequestError(f"timeoutSeconds must be a positive number, got {self.timeout_seconds!r}")
-        if not isinstance(self.limit, int) or self.limit < 0:
+        if not isinstance(self.limit, int) or isinstance(self.limit, bool) or not 0 <= self.limit < 2**63:
             raise BadRequestError(f"limit must be a non-negative integer, got {self.limit!r}")
         try:
             ResourceVersionMatch(self.resource_version_match)
@@ -250,7 +254,8 @@ class Resource:
 
     def key_for(self, obj: Mapping[str, Any]) -> str:
         """Key of ``obj`` (NamespaceKeyFunc / NoNamespaceKeyFunc). Raises BadRequestError if unnamed."""
-        meta = obj.get("metadata") or {}
+        meta = obj.get("metadata")
+        meta = meta if isinstance(meta, Mapping) else {}
         name = meta.get("name")
         if not isinstance(name, str) or not name:
             raise BadRequestError("object has no metadata.name")
@@ -265,13 +270,42 @@ class Resource:
         """(labels, fields) of ``obj`` for selectors; computed once per object by the cache."""
         if self.attrs_func is not None:
             return self.attrs_func(obj)
-        meta = obj.get("metadata") or {}
-        fields = {"metadata.name": meta.get("name") or ""}
+        meta = obj.get("metadata")
+        meta = meta if isinstance(meta, Mapping) else {}
+        fields = {"metadata.name": str(meta.get("name") or "")}
         if self.namespaced:
-            fields["metadata.namespace"] = meta.get("namespace") or ""
+            fields["metadata.namespace"] = str(meta.get("namespace") or "")
         for path in self.field_paths:
             fields[path] = _get_path(obj, path)
-        return meta.get("labels") or {}, fields
+        labels = meta.get("labels")
+        if not isinstance(labels, Mapping):
+            return {}, fields
+        if all(isinstance(v, str) for v in labels.values()):
+            return labels, fields
+        # Objects written around this library may carry odd labels; selectors only see strings.
+        return {str(k): v for k, v in labels.items() if isinstance(v, str)}, fields
+
+    def validate_object(self, key: str, obj: Any) -> None:
+        """Check that ``obj`` may be stored at the (prepared) ``key``: a dict whose ``metadata`` is a
+        dict, whose name (and namespace, when namespaced) are non-empty strings that give exactly
+        ``key`` (so the cache files it where storage does), and whose labels and annotations, when
+        present, map strings to strings. Kubernetes' registry guarantees this before storage; a
+        library has to check it. Raises BadRequestError (400)."""
+        if not isinstance(obj, dict):
+            raise BadRequestError(f"object must be a dict, got {type(obj).__name__}")
+        meta = obj.get("metadata")
+        if not isinstance(meta, dict):
+            raise BadRequestError("object metadata must be a dict")
+        for field_name in ("labels", "annotations"):
+            value = meta.get(field_name)
+            if value is None:
+                continue
+            if not isinstance(value, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+                raise BadRequestError(f"metadata.{field_name} must map strings to strings")
+        expected = self.key_for(obj)
+        if expected != key:
+            raise BadRequestError(f"object's name and namespace give key {expected!r}, not {key!r}")
 
     def prepare_key(self, key: str, recursive: bool = False) -> str:
         """Validate ``key`` and return it; recursive keys get a trailing "/" (storage.PrepareKey).
@@ -279,10 +313,13 @@ class Resource:
         Raises BadRequestError (400) for a non-string or empty key, "/" , a key with "." or ".."
         segments, or one outside the resource prefix.
         """
-        if not isinstance(key, str) or not key or key == "/":
+        if not isinstance(key, str):
+            raise BadRequestError(f"invalid key {key!r}: must be a string")
+        if not key or key == "/":
             raise BadRequestError(f"invalid key {key!r}: empty")
-        segments = key.split("/")
-        if any(seg in (".", "..") for seg in segments) or "\x00" in key:
+        if "\x00" in key:
+            raise BadRequestError(f"invalid key {key!r}: NUL characters are not allowed")
+        if any(seg in (".", "..") for seg in key.split("/")):
             raise BadRequestError(f"invalid key {key!r}: '.' and '..' segments are not allowed")
         if key != self.prefix and not key.startswith(self.prefix + "/"):
             raise BadRequestError(f"invalid key {key!r}: not under resource prefix {self.prefix!r}")

@@ -49,11 +49,16 @@ class BufferedWatch:
         self._pos = 0  # next index in _pending for per-event iteration
         self.error: StorageError | None = None
         self.timeout_seconds = timeout_seconds
+        self._started = False
         self.deadline: float | None = None  # time.monotonic() at which the watch ends normally
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> "BufferedWatch":
-        """Start the producer; raises what ``on_start`` raises (the watch is stopped then)."""
+        """Start the producer; raises what ``on_start`` raises (the watch is stopped then).
+        Idempotent; ``next_batch`` on a watch nobody started starts it."""
+        if self._started:
+            return self
+        self._started = True
         if self.timeout_seconds:
             self.deadline = time.monotonic() + self.timeout_seconds
         if self._on_start is not None:
@@ -154,6 +159,8 @@ class BufferedWatch:
     # ---- consumer side ---------------------------------------------------------------------------
     async def next_batch(self) -> list[WatchEvent]:
         """Wait for and return all buffered events (non-empty), or [] once the watch has ended."""
+        if not self._started:
+            await self.start()
         while not self._buf:
             if self._finished:
                 if not self._stopped:

@@ -437,3 +437,39 @@ async def test_storage_watch_timeout_ends_the_stream():
                 assert await w.next_batch() == []
         with pytest.raises(BadRequestError):
             ListOptions(timeout_seconds=-1)
+
+
+async def test_wait_ready_returns_after_an_unhealthy_spell_and_a_reinitialisation():
+    async with MemoryStorage(PODS) as st, Cacher(st) as c:
+        await c.wait_ready(5)
+        c._on_unhealthy(InternalError("watch keeps failing"))
+        done: list[bool] = []
+
+        async def waiter():
+            await c.wait_ready(10)
+            done.append(c.ready)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await anyio.sleep(0.05)
+            c.reinitialize("test")
+        assert done == [True]
+
+
+async def test_objects_written_around_the_library_without_a_usable_name_do_not_stop_the_cache():
+    async with MemoryStorage(PODS) as st, Cacher(st) as c:
+        await c.wait_ready(5)
+        st.kv.put_if("/pods/default/raw", b'{"metadata": {"name": 5, "labels": ["x"]}}', 0)
+        good = await st.create(k("good"), pod("good"))
+        got = await c.get(k("good"), GetOptions(resource_version=good["metadata"]["resourceVersion"]))
+        assert got["metadata"]["name"] == "good" and c.ready
+
+
+async def test_next_batch_on_a_watch_nobody_entered_starts_it():
+    async with MemoryStorage(PODS) as st, Cacher(st) as c:
+        await c.wait_ready(5)
+        await st.create(k("a"), pod("a"))
+        w = c.watch("/pods", ListOptions(resource_version="0", recursive=True))
+        with anyio.fail_after(5):
+            assert [e.type for e in await w.next_batch()] == [EventType.ADDED]
+        await w.stop()

@@ -120,8 +120,7 @@ class Etcd3Storage:
         """
         self._check_open()
         ekey = self._etcd_key(key).encode()
-        if not isinstance(obj, dict):
-            raise BadRequestError(f"object must be a dict, got {type(obj).__name__}")
+        self.resource.validate_object(self.resource.prepare_key(key), obj)
         if (obj.get("metadata") or {}).get("resourceVersion") not in (None, "", "0"):
             raise BadRequestError("resourceVersion should not be set on objects to be created")
         data = self.codec.encode(obj)
@@ -232,6 +231,7 @@ class Etcd3Storage:
                 if state.rev == stale_rev:
                     raise  # the hint was not stale after all: the error stands
                 continue
+            self.resource.validate_object(self.resource.prepare_key(key), new_obj)
             data = self.codec.encode(new_obj)
             if data == state.data:
                 if not fresh:  # a hint alone must not decide that nothing changed

@@ -93,8 +93,7 @@ class MemoryStorage:
         """Create ``obj`` at ``key``; see Storage.create. Mirrors etcd3 store.Create."""
         self._check_open()
         key = self.resource.prepare_key(key)
-        if not isinstance(obj, dict):
-            raise BadRequestError(f"object must be a dict, got {type(obj).__name__}")
+        self.resource.validate_object(key, obj)
         if (obj.get("metadata") or {}).get("resourceVersion"):
             raise BadRequestError("resourceVersion should not be set on objects to be created")
         data = self.codec.encode(obj)
@@ -212,6 +211,7 @@ class MemoryStorage:
                 preconditions.check(key, current)
             result = try_update(copy.deepcopy(current), ResponseMeta(cur.mod_revision if cur else 0))
             new_obj, ttl = result if isinstance(result, tuple) else (result, None)
+            self.resource.validate_object(key, new_obj)
             data = self.codec.encode(new_obj)
             if cur is not None and data == cur.value and not ttl:
                 return current  # no-op: nothing written, resourceVersion unchanged

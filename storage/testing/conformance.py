@@ -715,6 +715,31 @@ class StorageConformance:
                 pass
         assert len((await s.get_list(res.prefix, ListOptions(recursive=True))).items) == 1
 
+    async def test_malformed_metadata_or_a_key_mismatch_is_400_and_nothing_written(self, env):
+        s, _, res, _ = env
+        good = await s.create(key(res, "a"), pod(res, "a"))
+        bad_objects = [
+            {"metadata": "x"},
+            pod(res, "b", labels=["x"]),
+            pod(res, "b", labels={"x": 1}),
+            {**pod(res, "b"), "metadata": {"name": 5, "namespace": "ns"}},
+            {**pod(res, "b"), "metadata": {"name": "", "namespace": "ns"}},
+            pod(res, "other"),  # its name gives another key
+            pod(res, "b", ns="elsewhere"),
+        ]
+        for obj in bad_objects:
+            with pytest.raises(BadRequestError):
+                await s.create(key(res, "b"), obj)
+        with pytest.raises(BadRequestError):  # an update may not rename the object
+            await s.guaranteed_update(key(res, "a"), lambda o, m: {**o, "metadata": {**o["metadata"], "name": "z"}})
+        with pytest.raises(BadRequestError):
+            await s.guaranteed_update(key(res, "a"), lambda o, m: {**o, "metadata": {**o["metadata"], "labels": [1]}})
+        listed = await s.get_list(res.prefix, ListOptions(recursive=True))
+        assert [(o["metadata"]["name"], rv_of(o)) for o in listed.items] == [("a", rv_of(good))]
+        for bad in (dict(limit=True), dict(limit=2**70), dict(label_selector=5), dict(continue_token=5)):
+            with pytest.raises(BadRequestError):
+                ListOptions(recursive=True, **bad)
+
     async def test_unknown_resource_version_match_and_bad_selectors_are_400(self, env):
         s, _, res, _ = env
         with pytest.raises(BadRequestError):
