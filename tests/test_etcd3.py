@@ -538,7 +538,7 @@ async def test_watch_zero_or_unset_sends_state_as_added_first(store, resource, s
         gone = await store.delete(k(resource, "a"))
         live = await take(w, 1)
     assert summary(initial) == [("ADDED", "a", rv(a)), ("ADDED", "b", rv(b))]
-    assert summary(live) == [("DELETED", "a", rv(gone))]
+    assert summary(live) == [("DELETED", "a", rv(gone))], [e.object for e in live]
 
 
 @pytest.mark.asyncio
