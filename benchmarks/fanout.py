@@ -106,7 +106,6 @@ async def _scenario(cfg: dict[str, Any]) -> dict[str, Any]:
         sample_every = 1 if scope == "node" else max(1, n // max(1, cfg["latency_sample"]))
         recs: list[tuple[array, array]] = []
         all_open = anyio.Event()
-        stop_consumers = anyio.Event()
         open_limiter = anyio.CapacityLimiter(cfg["open_concurrency"])
         BOOKMARK, ERROR = EventType.BOOKMARK, EventType.ERROR
 

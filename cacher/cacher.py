@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable
 
 import anyio
 
-from cacher.dispatcher import ALL, Dispatcher, TimeBudget
+from cacher.dispatcher import Dispatcher, TimeBudget
 from cacher.consistency import DEFAULT_INTERVAL as CONSISTENCY_CHECK_INTERVAL, ConsistencyChecker
 from cacher.history import EventHistory
 from cacher.metrics import CacherMetrics
@@ -37,7 +37,7 @@ from storage.continue_token import encode_continue
 from storage.errors import (ExpiredError, NotFoundError, StorageClosedError, StorageError,
                             TooLargeResourceVersionError, TooManyRequestsError)
 from storage.interface import (INITIAL_EVENTS_END_ANNOTATION, EventType, GetOptions, ListOptions,
-                               ListResult, Preconditions, Resource, ResourceVersionMatch, Stats, Storage,
+                               ListResult, Preconditions, Resource, Stats, Storage,
                                UpdateFunc, ValidateDeletionFunc, WatchEvent, validate_list_options,
                                validate_watch_options)
 from storage.versioner import parse_resource_version
@@ -318,12 +318,13 @@ class Cacher:
         """
         self._check_open()
         prefixed = self.resource.prepare_key(key, opts.recursive)
-        _, continue_key = validate_list_options(opts, prefixed)
+        # The same interpretation storage applies: with_rev > 0 means "exactly at with_rev" (Exact,
+        # a continue token's revision, or the legacy limit+N rule).
+        with_rev, continue_key = validate_list_options(opts, prefixed)
         if self._is_consistent_list(opts):
             return await self._consistent_list(key, prefixed, opts)
-        exact_rv = self._exact_revision(opts)
-        if exact_rv is not None:
-            return await self._exact_list(key, prefixed, opts, exact_rv, continue_key)
+        if with_rev > 0:
+            return await self._exact_list(key, prefixed, opts, with_rev, continue_key)
         if opts.continue_token:
             return await self.storage.get_list(key, opts)  # "continue at latest" after a compaction
         if self.state != READY:
@@ -362,19 +363,6 @@ class Cacher:
         self.metrics.record_consistent_read(success=True, fallback=False)
         return self._page(self._current_elements(prefixed, opts), prefixed, opts,
                           self.watch_cache.resource_version, opts.limit)
-
-    @staticmethod
-    def _exact_revision(opts: ListOptions) -> int | None:
-        """The revision a LIST must be read at exactly, or None (latest / not older than)."""
-        if opts.resource_version_match == ResourceVersionMatch.EXACT:
-            return opts.revision
-        if opts.continue_token:
-            from storage.continue_token import decode_continue
-            _, token_rv = decode_continue(opts.continue_token, "/")
-            return token_rv if token_rv > 0 else None
-        if not opts.resource_version_match and opts.limit > 0 and opts.revision > 0:
-            return opts.revision  # legacy: limit with N is an exact read
-        return None
 
     async def _exact_list(self, key: str, prefixed: str, opts: ListOptions, rv: int,
                           continue_key: str) -> ListResult:

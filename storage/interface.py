@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Callable, Mapping, Protocol, runtime_chec
 
 import orjson
 
-from storage.errors import BadRequestError, InvalidError, PreconditionFailedError
+from storage.errors import BadRequestError, PreconditionFailedError
 from storage.selection import (EVERYTHING_FIELDS, EVERYTHING_LABELS, FieldSelector, LabelSelector,
                                SelectionPredicate, parse_field_selector, parse_label_selector)
 from storage.versioner import parse_resource_version

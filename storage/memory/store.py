@@ -10,7 +10,6 @@ one MemoryKV, and then share its revision counter as resources share etcd's.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import anyio

@@ -27,7 +27,7 @@ import pytest
 
 from storage.errors import (AlreadyExistsError, BadRequestError, ExpiredError, InvalidError,
                             NotFoundError, PreconditionFailedError, RequestEntityTooLargeError,
-                            StorageClosedError, StorageError, TooLargeResourceVersionError)
+                            StorageClosedError, TooLargeResourceVersionError)
 from storage.interface import (INITIAL_EVENTS_END_ANNOTATION, EventType, GetOptions, ListOptions,
                                Preconditions, Resource, Storage, WatchEvent)
 
