@@ -28,11 +28,13 @@ class Etcd3CompactorKV:
         self._on_compacted = on_compacted
 
     async def compare_version_and_put(self, key: str, expected_version: int, value: bytes) -> CasResult:
+        """Txn(If version(key) == expected Then Put(key, value) Else Get(key)) for the Compactor."""
         ok, rev, version = await self._client.run(self._client.compare_version_and_put, key.encode(),
                                                   expected_version, value)
         return CasResult(ok, rev, version)
 
     async def compact(self, revision: int) -> None:
+        """Compact the backend to ``revision``; an already compacted revision is a no-op."""
         try:
             await self._client.run(self._client.compact, revision)
         except CompactedError:

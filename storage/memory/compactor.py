@@ -19,10 +19,12 @@ class MemoryCompactorKV:
         self._kv = kv
 
     async def compare_version_and_put(self, key: str, expected_version: int, value: bytes) -> CasResult:
+        """Txn(If version(key) == expected Then Put(key, value) Else Get(key)) for the Compactor."""
         ok, rev, version = self._kv.put_if_version(key, value, expected_version)
         return CasResult(ok, rev, version)
 
     async def compact(self, revision: int) -> None:
+        """Compact the backend to ``revision``; an already compacted revision is a no-op."""
         if revision > self._kv.compacted:  # an already compacted revision is a no-op, as with etcd3
             self._kv.compact(revision)
 

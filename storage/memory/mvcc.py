@@ -66,12 +66,15 @@ class WatchSink:
     synced: bool
 
     def deliver(self, changes: list[Change]) -> bool:  # pragma: no cover - interface
+        """Take ``changes`` (in revision order) now; False if they do not fit (the sink is unsynced)."""
         raise NotImplementedError
 
     def progress(self, revision: int) -> None:  # pragma: no cover - interface
+        """A progress notification: every change up to ``revision`` has been delivered."""
         raise NotImplementedError
 
     def fail(self, error: Exception) -> None:  # pragma: no cover - interface
+        """End the stream with ``error`` (e.g. ExpiredError when its revision was compacted)."""
         raise NotImplementedError
 
 

@@ -149,26 +149,31 @@ class EtcdServer:
 
     @property
     def client_url(self) -> str:
+        """The client URL, http://host:port."""
         return f"http://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
+        """The peer URL, http://host:port."""
         return f"http://{self.host}:{self.peer_port}"
 
     @property
     def data_dir(self) -> str:
+        """The data directory (RuntimeError before the first start)."""
         if self._tmp is None:
             raise RuntimeError("etcd server was never started")
         return os.path.join(self._tmp, "data")
 
     @property
     def log_path(self) -> str:
+        """The file etcd's output goes to (RuntimeError before the first start)."""
         if self._tmp is None:
             raise RuntimeError("etcd server was never started")
         return os.path.join(self._tmp, "etcd.log")
 
     @property
     def pid(self) -> int | None:
+        """The etcd process id, or None when not started."""
         return self._proc.pid if self._proc is not None else None
 
     @property
